@@ -1,0 +1,134 @@
+"""The contract every kernel backend implements, and its torch.library ops.
+
+A kernel backend supplies two plain functions over *lists of branches* (one
+branch for ``correlation_attention``, two for the fused ``i2correlation``):
+
+``fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats) -> list[Tensor]``
+    For each branch, six tensors: ``out`` (B,H,L,D, dtype of q), then
+    ``lse``, ``kl``, ``ent``, ``r1``, ``r2`` (B,H,L) in the statistics dtype
+    (float64 for float64 inputs, else float32). ``kl`` is K = KL(P||T) + KL(T||P),
+    ``ent`` is E, ``lse`` the softmax log-normaliser of the scaled scores, and
+    ``r1``/``r2`` the row sums of spec section 3. Where ``need_stats[i]`` is
+    False the branch returns ``out`` and ``lse`` and four empty tensors.
+
+``bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses,
+rows, cols, scale, eps) -> list[Tensor]``
+    For each branch ``dq, dk, dv, dsigma`` (dk, dv shaped like k, v: summed
+    over the batch when the memory is batch-shared). ``dfull`` is
+    <g_out, out> + g_kl_attn * r1 + g_ent * r2, precomputed here.
+
+``make_kernel_op`` wraps them as ``torch.library.custom_op``s with autograd,
+so ``torch.compile`` and the autograd engine see one op per pass.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+N_FWD = 6  # out, lse, kl, ent, r1, r2 per branch (kernel side)
+N_OUT = 7  # out, kl_attn, kl_prior, ent, lse, r1, r2 per branch (op side)
+N_BWD = 4  # dq, dk, dv, dsigma per branch
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(qs, ks, vs, sigmas, need_stats):
+    res = []
+    for q, need in zip(qs, need_stats):
+        B, H, L, _ = q.shape
+        sd = stats_dtype(q.dtype)
+        stat = (lambda: q.new_empty((B, H, L), dtype=sd)) if need else (lambda: q.new_empty((0,), dtype=sd))
+        res += [torch.empty_like(q), stat(), stat(), stat(), q.new_empty((B, H, L), dtype=sd), stat(), stat()]
+    return res
+
+
+def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
+    """Register ``fod_kernels::<name>_fwd`` and ``<name>_bwd``; returns ``run``.
+
+    ``run(branches, rows, cols, scale, eps, need_stats)`` takes a list of
+    (q, k, v, sigma) and returns, per branch, (out, kl_attn, kl_prior, entropy)
+    with the gradient routes of spec section 2 (None stats where not needed).
+    """
+
+    @torch.library.custom_op(f"fod_kernels::{name}_fwd", mutates_args=())
+    def fwd_op(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],
+               sigmas: list[torch.Tensor], rows: int, cols: int, scale: float, eps: float,
+               need_stats: list[bool]) -> list[torch.Tensor]:
+        raw = fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats)
+        res = []
+        for i in range(len(qs)):
+            out, lse, kl, ent, r1, r2 = raw[N_FWD * i:N_FWD * (i + 1)]
+            res += [out, kl, kl.clone(), ent, lse, r1, r2]
+        return res
+
+    @fwd_op.register_fake
+    def _(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+        return _fake_fwd(qs, ks, vs, sigmas, need_stats)
+
+    @torch.library.custom_op(f"fod_kernels::{name}_bwd", mutates_args=())
+    def bwd_op(g_outs: list[torch.Tensor], g_kla: list[torch.Tensor], g_klp: list[torch.Tensor],
+               g_ents: list[torch.Tensor], dfulls: list[torch.Tensor], qs: list[torch.Tensor],
+               ks: list[torch.Tensor], vs: list[torch.Tensor], sigmas: list[torch.Tensor],
+               lses: list[torch.Tensor], rows: int, cols: int, scale: float,
+               eps: float) -> list[torch.Tensor]:
+        return list(bwd(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps))
+
+    @bwd_op.register_fake
+    def _(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+        res = []
+        for q, k, v, s in zip(qs, ks, vs, sigmas):
+            res += [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(s)]
+        return res
+
+    def setup_context(ctx, inputs, output):
+        qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats = inputs
+        n = len(qs)
+        outs = [output[N_OUT * i] for i in range(n)]
+        lses = [output[N_OUT * i + 4] for i in range(n)]
+        r1s = [output[N_OUT * i + 5] for i in range(n)]
+        r2s = [output[N_OUT * i + 6] for i in range(n)]
+        ctx.save_for_backward(*qs, *ks, *vs, *sigmas, *outs, *lses, *r1s, *r2s)
+        ctx.meta = (n, rows, cols, scale, eps, list(need_stats))
+
+    def backward(ctx, grads):
+        n, rows, cols, scale, eps, need_stats = ctx.meta
+        saved = ctx.saved_tensors
+        qs, ks, vs, sigmas, outs, lses, r1s, r2s = (list(saved[j * n:(j + 1) * n]) for j in range(8))
+        g_outs, g_kla, g_klp, g_ents, dfulls = [], [], [], [], []
+        for i in range(n):
+            g_out, a, b, e = grads[N_OUT * i:N_OUT * i + 4]
+            sd = lses[i].dtype
+            shape = lses[i].shape
+            g_out = (torch.zeros_like(outs[i]) if g_out is None else g_out).contiguous()
+            if need_stats[i]:
+                a, b, e = ((torch.zeros(shape, dtype=sd, device=g_out.device) if x is None else x.to(sd).contiguous())
+                           for x in (a, b, e))
+                dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1) + a * r1s[i] + e * r2s[i]
+            else:
+                a = b = e = torch.zeros(shape, dtype=sd, device=g_out.device)
+                dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1)
+            g_outs.append(g_out)
+            g_kla.append(a)
+            g_klp.append(b)
+            g_ents.append(e)
+            dfulls.append(dfull.contiguous())
+        res = bwd_op(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps)
+        return res[0::N_BWD], res[1::N_BWD], res[2::N_BWD], res[3::N_BWD], None, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+    def run(branches, rows, cols, scale, eps, need_stats):
+        qs, ks, vs, sigmas = ([b[j].contiguous() for b in branches] for j in range(4))
+        res = fwd_op(qs, ks, vs, sigmas, int(rows), int(cols), float(scale), float(eps), [bool(x) for x in need_stats])
+        outs = []
+        for i, need in enumerate(need_stats):
+            out, kla, klp, ent = res[N_OUT * i:N_OUT * i + 4]
+            outs.append((out, kla, klp, ent) if need else (out, None, None, None))
+        return outs
+
+    run.fwd_op = fwd_op
+    run.bwd_op = bwd_op
+    return run

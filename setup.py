@@ -1,0 +1,54 @@
+"""Builds fod_kernels' C++ extensions against the installed torch.
+
+    pip install --no-build-isolation -e .
+
+--no-build-isolation: the extensions must link against the torch already
+installed (an isolated build would fetch another, multi-GB torch and build
+against it). Environment:
+    FOD_BUILD_CUDA   auto (default: when torch is a CUDA build and nvcc is found) | 1 (force) | 0 (skip)
+    FOD_CUDA_ARCH    e.g. "80;90" (default), or TORCH_CUDA_ARCH_LIST "8.0;9.0"
+    FOD_CPU_ARCH     extra CPU flags (default -mavx2 -mfma when the build machine has them)
+    CUDA_HOME        the toolkit folder holding lib64/libcudart.so (e.g. /usr/local/cuda)
+    MAX_JOBS         parallel compile jobs (ninja)
+"""
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_build_flags", ROOT / "fod_kernels" / "_build_flags.py")
+flags = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(flags)
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    inc = [str(ROOT / "csrc")]
+    exts = [ce.CppExtension("fod_kernels._C", ["csrc/cpu/i2corr_cpu.cpp"], include_dirs=inc,
+                            extra_compile_args={"cxx": flags.cpu_flags()})]
+    want = os.environ.get("FOD_BUILD_CUDA", "auto").lower()
+    if want not in ("auto", "0", "1"):
+        raise SystemExit(f"FOD_BUILD_CUDA must be auto, 0 or 1, got {want!r}")
+    have_nvcc = ce.CUDA_HOME is not None and (Path(ce.CUDA_HOME) / "bin" / "nvcc").exists()
+    reason = None
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is not a CUDA build"
+    elif not have_nvcc:
+        reason = f"no nvcc under CUDA_HOME={ce.CUDA_HOME!r}"
+    if want == "1" and reason:
+        raise SystemExit(f"FOD_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    if want == "0" or (want == "auto" and reason):
+        print(f"fod_kernels: skipping the CUDA extension ({reason or 'FOD_BUILD_CUDA=0'})")
+    else:
+        exts.append(ce.CUDAExtension(
+            "fod_kernels._C_cuda", ["csrc/cuda/i2corr_cuda.cu", "csrc/cuda/bindings.cpp"], include_dirs=inc,
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": flags.cuda_flags()}))
+    return exts, ce.BuildExtension.with_options(use_ninja=True)
+
+
+exts, build_ext = extensions()
+setup(ext_modules=exts, cmdclass={"build_ext": build_ext})
