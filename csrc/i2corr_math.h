@@ -143,10 +143,11 @@ template <typename T> struct LogTerms {
 };
 
 // p, t: probabilities; lp_exact = s_ij - lse_i, lt_exact = l_ij - logZ_i.
-template <typename T>
-I2C_HD LogTerms<T> log_terms(T p, T t, T lp_exact, T lt_exact, T eps) {
+// HasEps is a compile-time switch so that inner loops carry no branch.
+template <bool HasEps, typename T>
+I2C_HD LogTerms<T> log_terms_t(T p, T t, T lp_exact, T lt_exact, T eps) {
   LogTerms<T> r;
-  if (eps > T(0)) {
+  if (HasEps) {
     T pp = p + eps, tt = t + eps;
     r.lp = fast_log<T>(pp);
     r.lt = fast_log<T>(tt);
@@ -159,6 +160,12 @@ I2C_HD LogTerms<T> log_terms(T p, T t, T lp_exact, T lt_exact, T eps) {
     r.te = T(1);
   }
   return r;
+}
+
+template <typename T>
+I2C_HD LogTerms<T> log_terms(T p, T t, T lp_exact, T lt_exact, T eps) {
+  return eps > T(0) ? log_terms_t<true, T>(p, t, lp_exact, lt_exact, eps)
+                    : log_terms_t<false, T>(p, t, lp_exact, lt_exact, eps);
 }
 
 // Symmetric KL element: p (lp - lt) + t (lt - lp).
