@@ -1,0 +1,198 @@
+"""Triton backend: FlashAttention-2 style fused kernels (fod_kernels/triton_kernels.py).
+
+Fusion of the two branches: branches that share ``need_stats`` and the head
+dim go into one launch each (program id axis 2 picks the branch), so the usual
+training call (both branches with statistics) is one forward launch and three
+backward launches (logZ, dk/dv, dq/dsigma) for both branches together.
+
+Inputs: float32 (fp32 dots in IEEE precision by default, see
+``set_fp32_precision``), bfloat16 and float16 (fp32 accumulation and fp32
+statistics). CUDA tensors when a GPU is present; CPU tensors only under the
+Triton interpreter (``TRITON_INTERPRET=1``, slow, for tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._custom_op import make_kernel_op
+
+try:
+    import triton
+
+    from . import triton_kernels as _tk
+    _IMPORT_ERROR = None
+except ImportError as exc:  # reported by status()
+    triton = _tk = None
+    _IMPORT_ERROR = exc
+
+# Whether the kernels were built for the interpreter (triton.jit reads the variable at decoration time).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PRECISIONS = ("ieee", "tf32")
+_fp32_precision = "ieee"
+
+
+def set_fp32_precision(precision: str) -> None:
+    """Dot input precision for float32 inputs: "ieee" (default, exact fp32 products) or "tf32"
+    (tensor cores, ~1e-3 relative error on the scores; an explicit opt-in)."""
+    global _fp32_precision
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    _fp32_precision = precision
+
+
+def get_fp32_precision() -> str:
+    return _fp32_precision
+
+
+def status():
+    if _IMPORT_ERROR is not None:
+        return False, f"triton is not importable: {_IMPORT_ERROR}"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on CUDA"
+    if _INTERPRET:
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1; CPU tensors, slow)"
+    return False, "no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 before importing triton)"
+
+
+def supports_device(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_available():
+            return True, ""
+        return False, "no CUDA device is available"
+    if device.type == "cpu":
+        if _INTERPRET:
+            return True, ""
+        return False, "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 set before importing triton)"
+    return False, f"the triton backend runs on cuda devices, not {device.type}"
+
+
+def _check(q):
+    if q.dtype not in DTYPES:
+        raise TypeError(f"the triton backend takes float32, bfloat16 and float16 inputs, got {q.dtype}; "
+                        f"{q.dtype} runs on the 'reference' backend (and float64 on 'cpu')")
+    ok, why = supports_device(q.device)
+    if not ok:
+        raise RuntimeError(f"triton backend cannot run on {q.device}: {why}")
+
+
+def _blocks(L, D, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Tiles >= 16 (tl.dot's minimum)."""
+    bd = max(16, triton.next_power_of_2(D))
+    if _INTERPRET:
+        return 16, 16, bd, 4
+    cap = max(16, triton.next_power_of_2(L))
+    if dtype == torch.float32:  # fp32 operands: halve the key tile at large head dims to fit registers
+        bm, bn = 64, (32 if bd >= 128 else 64)
+    else:
+        bm, bn = (64, 64) if bd >= 128 else (128, 64)
+    return min(bm, cap), min(bn, cap), bd, (8 if bm * bn >= 128 * 64 or bd >= 128 else 4)
+
+
+def _stages(dtype):
+    # fp32 tiles are twice as large and the IEEE fp32 dot does not use the tensor cores: a shallower
+    # pipeline keeps shared memory (and registers) in check.
+    return 2 if dtype == torch.float32 else 3
+
+
+def _precision(dtype):
+    return _fp32_precision if dtype == torch.float32 else "ieee"
+
+
+def _groups(qs, need_stats):
+    """Branch indices that can share a launch: equal need_stats and head dim."""
+    groups = {}
+    for i, (q, need) in enumerate(zip(qs, need_stats)):
+        groups.setdefault((bool(need), q.shape[-1]), []).append(i)
+    return list(groups.values())
+
+
+def _pair(xs, idx):
+    """The (branch 0, branch 1) arguments of a launch over the branches idx (1 or 2 of them)."""
+    return xs[idx[0]], xs[idx[-1]]
+
+
+def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+    qs, ks, vs, sigmas = ([t.contiguous() for t in ts] for ts in (qs, ks, vs, sigmas))
+    for q in qs:
+        _check(q)
+    B, H, L, _ = qs[0].shape
+    res = []
+    for q, need in zip(qs, need_stats):
+        stat = (lambda: torch.empty((B, H, L), dtype=torch.float32, device=q.device)) if need else \
+            (lambda: torch.empty((0,), dtype=torch.float32, device=q.device))
+        lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+        res.append([torch.empty_like(q), lse, stat(), stat(), stat(), stat()])
+    for idx in _groups(qs, need_stats):
+        need = bool(need_stats[idx[0]])
+        D = qs[idx[0]].shape[-1]
+        bm, bn, bd, warps = _blocks(L, D, qs[0].dtype)
+        kbs = [H * L * D if k.shape[0] > 1 else 0 for k in ks]
+        per_branch = []
+        for j in (idx[0], idx[-1]):
+            out, lse, kl, ent, r1, r2 = res[j]
+            if not need:  # statistics pointers are not touched when STATS is off
+                kl = ent = r1 = r2 = lse
+            per_branch += [qs[j], ks[j], vs[j], sigmas[j], out, lse, kl, ent, r1, r2]
+        grid = (triton.cdiv(L, bm), B * H, len(idx))
+        _tk.fwd_kernel[grid](*per_branch, *_pair(kbs, idx), H, L, D, rows, cols, float(scale), float(eps),
+                             STATS=need, EPS_ZERO=eps == 0, PREC=_precision(qs[0].dtype),
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_G=32 if not _INTERPRET else 16,
+                             num_warps=warps, num_stages=_stages(qs[0].dtype))
+    return [t for r in res for t in r]
+
+
+def bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    qs, ks, vs, sigmas, g_outs = ([t.contiguous() for t in ts] for ts in (qs, ks, vs, sigmas, g_outs))
+    for q in qs:
+        _check(q)
+    n = len(qs)
+    B, H, L, _ = qs[0].shape
+    dev = qs[0].device
+    # Per-row float32 inputs of both branches in one buffer: lse, dfull, a, b, e, logZ (filled below).
+    row = torch.empty((n, 6, B, H, L), dtype=torch.float32, device=dev)
+    for i in range(n):
+        for j, x in enumerate((lses[i], dfulls[i], g_kls_attn[i], g_kls_prior[i], g_ents[i])):
+            row[i, j].copy_(x)
+    nrow = B * H * L
+    dqs = [torch.empty_like(q) for q in qs]
+    dks = [torch.empty_like(k) for k in ks]
+    dvs = [torch.empty_like(v) for v in vs]
+    dss = [torch.empty_like(s) for s in sigmas]
+    bg = 16 if _INTERPRET else 32
+    _tk.logz_kernel[(triton.cdiv(L, 64 if not _INTERPRET else 16), B * H, n)](
+        sigmas[0], sigmas[-1], row, nrow, L, rows, cols, BLOCK_M=64 if not _INTERPRET else 16, BLOCK_G=bg)
+    if n == 2 and qs[0].shape[-1] != qs[1].shape[-1]:
+        groups = [[0], [1]]
+    else:
+        groups = [list(range(n))]
+    for idx in groups:
+        D = qs[idx[0]].shape[-1]
+        bm, bn, bd, warps = _blocks(L, D, qs[0].dtype)
+        prec = _precision(qs[0].dtype)
+        row_g = row if idx[0] == 0 else row[idx[0]:]
+        common = dict(EPS_ZERO=eps == 0, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+                      num_stages=_stages(qs[0].dtype))
+        args = []
+        for j in (idx[0], idx[-1]):
+            args += [qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dks[j], dvs[j]]
+        bk = [k.shape[0] for k in ks]
+        bk_max = max(bk[j] for j in idx)
+        _tk.bwd_dkdv_kernel[(triton.cdiv(L, bn), bk_max * H, len(idx))](
+            *args, row_g, *_pair(bk, idx), B, H, L, D, rows, cols, float(scale), float(eps), nrow, **common)
+        args = []
+        for j in (idx[0], idx[-1]):
+            args += [qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dqs[j], dss[j]]
+        kbs = [H * L * D if k.shape[0] > 1 else 0 for k in ks]
+        _tk.bwd_dq_kernel[(triton.cdiv(L, bm), B * H, len(idx))](
+            *args, row_g, *_pair(kbs, idx), H, L, D, rows, cols, float(scale), float(eps), nrow, **common)
+    res = []
+    for i in range(n):
+        res += [dqs[i], dks[i], dvs[i], dss[i]]
+    return res
+
+
+run = make_kernel_op("triton", fwd, bwd)

@@ -1,0 +1,324 @@
+"""Triton kernels of the I2Correlation operator (spec sections 1, 3, 4).
+
+FlashAttention-2 style: no L x L matrix ever reaches global memory. Every
+kernel takes the pointers of up to two branches (suffix 0 and 1, the intra and
+inter branch of the fused call) and picks its branch from ``program_id(2)``, so
+both branches run in one launch. Within a branch all tensors are contiguous:
+q, out, dq (B,H,L,D); k, v, dk, dv (Bk,H,L,D) with k-batch stride ``KBS`` = H*L*D
+or 0 (Bk = 1, batch-shared memory); sigma, dsigma (B,H,L,2); row vectors (B,H,L).
+
+The element terms follow csrc/i2corr_math.h: with p, t the probabilities,
+lp = log(p + eps), lt = log(t + eps), pe = p / (p + eps), te = t / (t + eps),
+and for eps = 0 exactly lp = s - lse, lt = l - logZ, pe = te = 1.
+
+Arithmetic is fp32 throughout (statistics, accumulators, exp/log); dots take
+the input dtype (p and ds are cast to it for the second product, as in
+FlashAttention) and accumulate in fp32. ``PREC`` is the dot input precision for
+fp32 inputs ("ieee" by default, "tf32" on request).
+"""
+import triton
+import triton.language as tl
+
+NEG = tl.constexpr(-1.0e30)  # score of a masked key: exp underflows to 0 without inf - inf
+
+
+@triton.jit
+def _axis_log_norm(center, c, n, BLOCK_G: tl.constexpr):
+    """log sum_{r<n} exp(-(center - r)^2 c) per row; the r = center term is 1, so no shift is needed."""
+    z = tl.zeros_like(center)
+    for r0 in range(0, n, BLOCK_G):
+        r = r0 + tl.arange(0, BLOCK_G)
+        d = center[:, None] - r[None, :].to(tl.float32)
+        w = tl.exp(-d * d * c[:, None])
+        z += tl.sum(tl.where(r[None, :] < n, w, 0.0), axis=1)
+    return tl.log(z)
+
+
+@triton.jit
+def _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G: tl.constexpr):
+    """logZ of the separable Gaussian prior, and the coefficients cy = 1/(2 sy^2), cx = 1/(2 sx^2)."""
+    cy = 0.5 / (sy * sy)
+    cx = 0.5 / (sx * sx)
+    ri = (offs_m // cols).to(tl.float32)
+    ci = (offs_m % cols).to(tl.float32)
+    logz = _axis_log_norm(ri, cy, rows, BLOCK_G) + _axis_log_norm(ci, cx, cols, BLOCK_G)
+    return logz, cy, cx
+
+
+@triton.jit
+def _terms(s, lse, l, logz, eps, EPS_ZERO: tl.constexpr):
+    """p, t and the log terms (lp, lt, pe, te) of i2c::log_terms; arguments broadcast."""
+    p = tl.exp(s - lse)
+    t = tl.exp(l - logz)
+    if EPS_ZERO:
+        lp = s - lse
+        lt = l - logz
+        pe = tl.full(p.shape, 1.0, tl.float32)
+        te = tl.full(p.shape, 1.0, tl.float32)
+    else:
+        pp = p + eps
+        tt = t + eps
+        lp = tl.log(pp)
+        lt = tl.log(tt)
+        pe = p / pp
+        te = t / tt
+    return p, t, lp, lt, pe, te
+
+
+# ---------------------------------------------------------------------------
+# Forward: pass 1 (lse, out), logZ, pass 2 (K, E, R1, R2).
+# ---------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["KBS0", "KBS1"])
+def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
+               Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1,
+               KBS0, KBS1, H, L, D, rows, cols, scale, eps,
+               STATS: tl.constexpr, EPS_ZERO: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    if tl.program_id(2) == 0:
+        Q, K, V, SG, O, LSE, KL, ENT, RA, RB, KBS = Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0, KBS0
+    else:
+        Q, K, V, SG, O, LSE, KL, ENT, RA, RB, KBS = Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1, KBS1
+    b = bh // H
+    h = bh % H
+    row0 = bh.to(tl.int64) * L  # first row of (b, h) in the (B, H, L) row vectors
+    q_base = row0 * D
+    k_base = b.to(tl.int64) * KBS + h.to(tl.int64) * L * D
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < L
+    mask_d = offs_d < D
+    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    # Pass 1: online softmax.
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < L
+        kt = tl.load(K + k_base + offs_n[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_n[None, :],
+                     other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * scale
+        s = tl.where(mask_n[None, :], s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        pexp = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pexp, axis=1)
+        v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    lse = m_i + tl.log(l_i)
+    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + row0 + offs_m, lse, mask=mask_m)
+
+    if STATS:
+        # Pass 2: exact p and t, the row sums of the element terms.
+        sy = tl.load(SG + (row0 + offs_m) * 2, mask=mask_m, other=1.0).to(tl.float32)
+        sx = tl.load(SG + (row0 + offs_m) * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+        logz, cy, cx = _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G)
+        ri = (offs_m // cols).to(tl.float32)
+        ci = (offs_m % cols).to(tl.float32)
+        kl = tl.zeros([BLOCK_M], tl.float32)
+        ent = tl.zeros([BLOCK_M], tl.float32)
+        r1 = tl.zeros([BLOCK_M], tl.float32)
+        r2 = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(0, L, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < L
+            kt = tl.load(K + k_base + offs_n[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_n[None, :],
+                         other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * scale
+            s = tl.where(mask_n[None, :], s, NEG)
+            dy = ri[:, None] - (offs_n // cols).to(tl.float32)[None, :]
+            dx = ci[:, None] - (offs_n % cols).to(tl.float32)[None, :]
+            lw = -dy * dy * cy[:, None] - dx * dx * cx[:, None]
+            p, t, lp, lt, pe, te = _terms(s, lse[:, None], lw, logz[:, None], eps, EPS_ZERO)
+            valid = mask_n[None, :]
+            t = tl.where(valid, t, 0.0)
+            kl += tl.sum(tl.where(valid, (p - t) * (lp - lt), 0.0), axis=1)
+            ent += tl.sum(tl.where(valid, -p * lp, 0.0), axis=1)
+            r1 += tl.sum(tl.where(valid, p * (lp - lt) + pe * (p - t), 0.0), axis=1)
+            r2 += tl.sum(tl.where(valid, -p * (lp + pe), 0.0), axis=1)
+        tl.store(KL + row0 + offs_m, kl, mask=mask_m)
+        tl.store(ENT + row0 + offs_m, ent, mask=mask_m)
+        tl.store(RA + row0 + offs_m, r1, mask=mask_m)
+        tl.store(RB + row0 + offs_m, r2, mask=mask_m)
+
+
+# ---------------------------------------------------------------------------
+# Backward. ROW: float32 (n_branches, 6, B, H, L) holding lse, dfull, a, b, e, logZ
+# (logZ written by logz_kernel); NROW = B*H*L, the stride between its slots.
+# ---------------------------------------------------------------------------
+@triton.jit
+def logz_kernel(SG0, SG1, ROW, NROW, L, rows, cols, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    br = tl.program_id(2)
+    if br == 0:
+        SG = SG0
+    else:
+        SG = SG1
+    row0 = bh.to(tl.int64) * L
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < L
+    sy = tl.load(SG + (row0 + offs_m) * 2, mask=mask_m, other=1.0).to(tl.float32)
+    sx = tl.load(SG + (row0 + offs_m) * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+    logz, cy, cx = _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G)
+    tl.store(ROW + (br.to(tl.int64) * 6 + 5) * NROW + row0 + offs_m, logz, mask=mask_m)
+
+
+@triton.jit(do_not_specialize=["BK0", "BK1"])
+def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, DV1, ROW,
+                    BK0, BK1, B, H, L, D, rows, cols, scale, eps, NROW,
+                    EPS_ZERO: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key block of one (k-batch, head): dk, dv summed over the query blocks, and over the
+    query batch when k, v are batch-shared (Bk = 1): a plain loop, deterministic, no atomics."""
+    pid_n = tl.program_id(0)
+    kbh = tl.program_id(1)
+    br = tl.program_id(2)
+    if br == 0:
+        Q, K, V, SG, DO, DK, DV, BK = Q0, K0, V0, SG0, DO0, DK0, DV0, BK0
+    else:
+        Q, K, V, SG, DO, DK, DV, BK = Q1, K1, V1, SG1, DO1, DK1, DV1, BK1
+    kb = kbh // H
+    h = kbh % H
+    # Query batches this program sums over; none when this branch has fewer k batches than the grid.
+    b_lo = tl.where(BK == 1, 0, kb)
+    b_hi = tl.where(BK == 1, tl.where(kb == 0, B, 0), kb + 1)
+    k_base = kbh.to(tl.int64) * L * D
+    ROWB = ROW + br.to(tl.int64) * 6 * NROW
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < L
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+    v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+    rj = (offs_n // cols).to(tl.float32)
+    cj = (offs_n % cols).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for b in range(b_lo, b_hi):
+        row0 = (b * H + h).to(tl.int64) * L
+        for m0 in range(0, L, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < L
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(Q + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+            do = tl.load(DO + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+            rr = row0 + offs_m
+            lse = tl.load(ROWB + rr, mask=mask_m, other=0.0)
+            dfull = tl.load(ROWB + NROW + rr, mask=mask_m, other=0.0)
+            a = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
+            e = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
+            logz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
+            sy = tl.load(SG + rr * 2, mask=mask_m, other=1.0).to(tl.float32)
+            sx = tl.load(SG + rr * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+            # Transposed tiles: keys along axis 0, queries along axis 1.
+            s = tl.dot(k, tl.trans(q), input_precision=PREC) * scale
+            dy = (offs_m // cols).to(tl.float32)[None, :] - rj[:, None]
+            dx = (offs_m % cols).to(tl.float32)[None, :] - cj[:, None]
+            lw = -dy * dy * (0.5 / (sy * sy))[None, :] - dx * dx * (0.5 / (sx * sx))[None, :]
+            p, t, lp, lt, pe, te = _terms(s, lse[None, :], lw, logz[None, :], eps, EPS_ZERO)
+            valid = mask_n[:, None] & mask_m[None, :]
+            p = tl.where(valid, p, 0.0)
+            gv = tl.dot(v, tl.trans(do), input_precision=PREC)
+            ds = (p * (gv - dfull[None, :]) + a[None, :] * (p * (lp - lt) + pe * (p - t))
+                  - e[None, :] * p * (lp + pe))
+            ds = tl.where(valid, ds, 0.0)
+            dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
+    dk = dk * scale
+    store_mask = mask_nd & (kb < BK)
+    tl.store(DK + k_base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + k_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit(do_not_specialize=["KBS0", "KBS1"])
+def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1, ROW,
+                  KBS0, KBS1, H, L, D, rows, cols, scale, eps, NROW,
+                  EPS_ZERO: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query block: dq, and dsigma from the five row sums of spec section 3
+    (W = sum tw, sum tw dy^2, sum tw dx^2, sum t dy^2, sum t dx^2; tw = i2c::tw_elem)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    br = tl.program_id(2)
+    if br == 0:
+        Q, K, V, SG, DO, DQ, DS, KBS = Q0, K0, V0, SG0, DO0, DQ0, DS0, KBS0
+    else:
+        Q, K, V, SG, DO, DQ, DS, KBS = Q1, K1, V1, SG1, DO1, DQ1, DS1, KBS1
+    b = bh // H
+    h = bh % H
+    row0 = bh.to(tl.int64) * L
+    k_base = b.to(tl.int64) * KBS + h.to(tl.int64) * L * D
+    ROWB = ROW + br.to(tl.int64) * 6 * NROW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < L
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+    do = tl.load(DO + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+    rr = row0 + offs_m
+    lse = tl.load(ROWB + rr, mask=mask_m, other=0.0)
+    dfull = tl.load(ROWB + NROW + rr, mask=mask_m, other=0.0)
+    a = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
+    bb = tl.load(ROWB + 3 * NROW + rr, mask=mask_m, other=0.0)
+    e = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
+    logz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
+    sy = tl.load(SG + rr * 2, mask=mask_m, other=1.0).to(tl.float32)
+    sx = tl.load(SG + rr * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+    cy = 0.5 / (sy * sy)
+    cx = 0.5 / (sx * sx)
+    ri = (offs_m // cols).to(tl.float32)
+    ci = (offs_m % cols).to(tl.float32)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    tw_dy = tl.zeros([BLOCK_M], tl.float32)
+    tw_dx = tl.zeros([BLOCK_M], tl.float32)
+    t_dy = tl.zeros([BLOCK_M], tl.float32)
+    t_dx = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < L
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        dy = ri[:, None] - (offs_n // cols).to(tl.float32)[None, :]
+        dx = ci[:, None] - (offs_n % cols).to(tl.float32)[None, :]
+        dy2 = dy * dy
+        dx2 = dx * dx
+        lw = -dy2 * cy[:, None] - dx2 * cx[:, None]
+        p, t, lp, lt, pe, te = _terms(s, lse[:, None], lw, logz[:, None], eps, EPS_ZERO)
+        valid = mask_m[:, None] & mask_n[None, :]
+        p = tl.where(valid, p, 0.0)
+        t = tl.where(valid, t, 0.0)
+        gv = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (gv - dfull[:, None]) + a[:, None] * (p * (lp - lt) + pe * (p - t))
+              - e[:, None] * p * (lp + pe))
+        ds = tl.where(valid, ds, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        tw = tl.where(valid, t * (lt - lp) + te * (t - p), 0.0)
+        w_sum += tl.sum(tw, axis=1)
+        tw_dy += tl.sum(tw * dy2, axis=1)
+        tw_dx += tl.sum(tw * dx2, axis=1)
+        t_dy += tl.sum(t * dy2, axis=1)
+        t_dx += tl.sum(t * dx2, axis=1)
+    dq = dq * scale
+    tl.store(DQ + row0 * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
+    dsy = bb * (tw_dy - w_sum * t_dy) / (sy * sy * sy)
+    dsx = bb * (tw_dx - w_sum * t_dx) / (sx * sx * sx)
+    tl.store(DS + rr * 2, dsy.to(DS.dtype.element_ty), mask=mask_m)
+    tl.store(DS + rr * 2 + 1, dsx.to(DS.dtype.element_ty), mask=mask_m)
