@@ -46,7 +46,7 @@ def extensions():
     else:
         exts.append(ce.CUDAExtension(
             "fod_kernels._C_cuda", ["csrc/cuda/i2corr_cuda.cu", "csrc/cuda/bindings.cpp"], include_dirs=inc,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": flags.cuda_flags()}))
+            extra_compile_args={"cxx": ["-O3"], "nvcc": flags.cuda_flags()}))
     return exts, ce.BuildExtension.with_options(use_ninja=True)
 
 

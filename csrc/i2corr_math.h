@@ -76,11 +76,11 @@ I2C_HD float log_poly(float x) {
   bool sub = x < 1.17549435e-38f;
   x = sub ? x * 8388608.0f : x;  // 2^23
   int32_t b = float_to_bits(x);
-  int32_t e = ((b >> 23) & 0xff) - 127;
+  float ef = static_cast<float>((b >> 23) & 0xff) - (sub ? 150.0f : 127.0f);  // 150 = 127 + 23
   float m = bits_to_float((b & 0x007fffff) | 0x3f800000);  // [1, 2)
   bool big = m > 1.41421356f;
   m = big ? m * 0.5f : m;
-  float ef = static_cast<float>(e + (big ? 1 : 0)) - (sub ? 23.0f : 0.0f);
+  ef = big ? ef + 1.0f : ef;
   float f = m - 1.0f;
   float s = f / (2.0f + f);  // |s| <= 0.1716
   float z = s * s;

@@ -18,7 +18,7 @@ def _cpu_has(*flags: str) -> bool:
 def cpu_flags() -> list[str]:
     """-O3, OpenMP SIMD pragmas (vectorised reductions without -ffast-math), and AVX2/FMA
     when the build machine has them (FOD_CPU_ARCH overrides, e.g. "" or "-march=x86-64-v3")."""
-    flags = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno"]
+    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]  # no -std: torch picks its own (C++20 from 2.13)
     arch = os.environ.get("FOD_CPU_ARCH")
     if arch is not None:
         flags += arch.split()
@@ -41,4 +41,4 @@ def cuda_arch_flags() -> list[str]:
 
 
 def cuda_flags() -> list[str]:
-    return ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_arch_flags()

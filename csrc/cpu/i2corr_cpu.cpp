@@ -1,0 +1,365 @@
+// Fused I2Correlation kernels for the CPU (float32 and float64).
+//
+// Forward: per (branch, batch, head, block of BM query rows) one task computes
+// the block's scores against all keys (a BM x S scratch, never L x L), the
+// exact softmax row (the whole row is at hand, so no online rescaling is
+// needed), out = P V, and, when asked, the row statistics K, E, R1, R2.
+// Backward: per (branch, key batch, head) one task sweeps the queries that use
+// those keys (all batches when the memory is batch-shared), recomputing p and
+// t from the saved lse, and accumulates dk, dv in a fixed order
+// (deterministic, no atomics) while it writes dq and dsigma of its rows.
+// The per-element maths is csrc/i2corr_math.h, shared with the CUDA kernels.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "i2corr_math.h"
+
+namespace {
+
+constexpr int64_t BM = 32;  // query rows per forward task / per backward block
+
+// Runs f(task) for task in [0, n) on ATen's thread pool with dynamic scheduling
+// (tasks differ in cost: a shared memory's backward task sweeps the whole batch).
+template <class F>
+void run_tasks(int64_t n, const F& f) {
+  if (n <= 0) return;
+  int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < n; t = next++) f(t);
+  });
+}
+
+template <typename T>
+struct Branch {
+  const T *q, *k, *v, *sigma;
+  int64_t B, Bk, H, L, D;
+};
+
+// Per-row prior tables: t_ij = ty[row_j] * tx[col_j], log t_ij = lty[row_j] + ltx[col_j].
+template <typename T>
+struct PriorRow {
+  std::vector<T> ty, lty, tx, ltx, dy2, dx2;
+  T sum_t_dy2 = 0, sum_t_dx2 = 0, ry = 0, cx = 0;
+  PriorRow(int rows, int cols) : ty(rows), lty(rows), tx(cols), ltx(cols), dy2(rows), dx2(cols) {}
+
+  void set(int64_t i, T sy, T sx, int rows, int cols) {
+    ry = T(i / cols);
+    cx = T(i % cols);
+    const T cy = i2c::half_inv_sq<T>(sy), cxx = i2c::half_inv_sq<T>(sx);
+    const T lzy = i2c::axis_log_norm<T>(ry, cy, rows), lzx = i2c::axis_log_norm<T>(cx, cxx, cols);
+    sum_t_dy2 = 0;
+    sum_t_dx2 = 0;
+    for (int r = 0; r < rows; ++r) {
+      lty[r] = i2c::axis_logw<T>(ry, T(r), cy) - lzy;
+      ty[r] = i2c::fast_exp<T>(lty[r]);
+      dy2[r] = (ry - T(r)) * (ry - T(r));
+      sum_t_dy2 += ty[r] * dy2[r];
+    }
+    for (int c = 0; c < cols; ++c) {
+      ltx[c] = i2c::axis_logw<T>(cx, T(c), cxx) - lzx;
+      tx[c] = i2c::fast_exp<T>(ltx[c]);
+      dx2[c] = (cx - T(c)) * (cx - T(c));
+      sum_t_dx2 += tx[c] * dx2[c];
+    }
+  }
+};
+
+// Row-major C (M x N) = alpha * op(A) op(B) + beta * C, beta in {0, 1}, through
+// ATen's matmul on non-owning views (MKL/OpenBLAS where torch has them). It runs
+// inside our own parallel tasks, where ATen keeps it single-threaded.
+template <typename T>
+void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb,
+        T beta, T* C, int64_t ldc) {
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, bool t, int64_t r, int64_t c, int64_t ld) {
+    auto m = at::from_blob(const_cast<T*>(p), {t ? c : r, t ? r : c}, {ld, 1}, opt);
+    return t ? m.t() : m;
+  };
+  auto a = view(A, ta, M, K, lda), b = view(B, tb, K, N, ldb);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  at::addmm_out(c, c, a, b, beta, alpha);  // beta = 0 ignores C's old contents
+}
+
+// S[ii, j] = scale * <a_{i0+ii}, b_j> for ii < nb: a block of rows of A (., D) against all rows of B (L, D).
+template <typename T>
+void scores(const T* A, const T* Bm, int64_t i0, int64_t nb, int64_t L, int64_t D, T scale, T* S) {
+  mm<T>(false, true, nb, L, D, scale, A + i0 * D, D, Bm, D, T(0), S, L);
+}
+
+template <typename T, bool HasEps>
+void row_stats(const T* srow, const T* prow, T lse, const PriorRow<T>& pr, int rows, int cols, T eps, T* kl,
+               T* ent, T* r1, T* r2) {
+  T skl = 0, sent = 0, sr1 = 0, sr2 = 0;
+  for (int r = 0; r < rows; ++r) {
+    const T tyr = pr.ty[r], ltyr = pr.lty[r];
+    const T* sr = srow + int64_t(r) * cols;
+    const T* pp = prow + int64_t(r) * cols;
+#pragma omp simd reduction(+ : skl, sent, sr1, sr2)
+    for (int c = 0; c < cols; ++c) {
+      const T p = pp[c], t = tyr * pr.tx[c];
+      const auto g = i2c::log_terms_t<HasEps, T>(p, t, sr[c] - lse, ltyr + pr.ltx[c], eps);
+      skl += i2c::kl_elem<T>(p, t, g);
+      sent += i2c::ent_elem<T>(p, g);
+      sr1 += i2c::r1_elem<T>(p, t, g);
+      sr2 += i2c::r2_elem<T>(p, g);
+    }
+  }
+  *kl = skl;
+  *ent = sent;
+  *r1 = sr1;
+  *r2 = sr2;
+}
+
+template <typename T>
+void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool stats, int64_t b, int64_t h,
+                  int64_t i0, T* out, T* lse, T* kl, T* ent, T* r1, T* r2) {
+  const int64_t L = br.L, D = br.D, H = br.H;
+  const int64_t nb = std::min(BM, L - i0);
+  const int64_t kb = br.Bk == 1 ? 0 : b;
+  const T* Q = br.q + (b * H + h) * L * D;
+  const T* K = br.k + (kb * H + h) * L * D;
+  const T* V = br.v + (kb * H + h) * L * D;
+  const T* SG = br.sigma + (b * H + h) * L * 2;
+  const int64_t row0 = (b * H + h) * L;
+  std::vector<T> S(nb * L), P(nb * L);
+  PriorRow<T> pr(rows, cols);
+  scores<T>(Q, K, i0, nb, L, D, scale, S.data());
+  for (int64_t ii = 0; ii < nb; ++ii) {
+    const int64_t i = i0 + ii, x = row0 + i;
+    const T* srow = S.data() + ii * L;
+    T* prow = P.data() + ii * L;
+    T m = srow[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < L; ++j) m = std::max(m, srow[j]);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < L; ++j) {
+      prow[j] = i2c::fast_exp<T>(srow[j] - m);
+      sum += prow[j];
+    }
+    const T lse_i = m + i2c::fast_log<T>(sum), inv = T(1) / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) prow[j] *= inv;
+    lse[x] = lse_i;
+    if (stats) {
+      pr.set(i, SG[2 * i], SG[2 * i + 1], rows, cols);
+      if (eps > T(0))
+        row_stats<T, true>(srow, prow, lse_i, pr, rows, cols, eps, kl + x, ent + x, r1 + x, r2 + x);
+      else
+        row_stats<T, false>(srow, prow, lse_i, pr, rows, cols, eps, kl + x, ent + x, r1 + x, r2 + x);
+    }
+  }
+  mm<T>(false, false, nb, D, L, T(1), P.data(), L, V, D, T(0), out + (row0 + i0) * D, D);  // out = P V
+}
+
+// One query row of the backward: ds (scaled) into dsrow, p into prow, the
+// prior sums into W, Sy, Sx.
+template <typename T, bool HasEps>
+void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T a, T e, const PriorRow<T>& pr, int rows,
+                  int cols, T eps, T scale, T* prow, T* dsrow, T* W, T* Sy, T* Sx) {
+  T w = 0, sy = 0, sx = 0;
+  for (int r = 0; r < rows; ++r) {
+    const T tyr = pr.ty[r], ltyr = pr.lty[r];
+    const int64_t base = int64_t(r) * cols;
+    T wr = 0;
+#pragma omp simd reduction(+ : wr, sx)
+    for (int c = 0; c < cols; ++c) {
+      const int64_t j = base + c;
+      const T lpx = srow[j] - lse;
+      const T p = i2c::fast_exp<T>(lpx), t = tyr * pr.tx[c];
+      const auto g = i2c::log_terms_t<HasEps, T>(p, t, lpx, ltyr + pr.ltx[c], eps);
+      prow[j] = p;
+      dsrow[j] = scale * i2c::ds_elem<T>(p, t, gvrow[j], dfull, a, e, g);
+      const T tw = i2c::tw_elem<T>(p, t, g);
+      wr += tw;
+      sx += tw * pr.dx2[c];
+    }
+    w += wr;
+    sy += wr * pr.dy2[r];
+  }
+  *W = w;
+  *Sy = sy;
+  *Sx = sx;
+}
+
+template <typename T>
+void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int64_t kb, int64_t h, const T* gout,
+                   const T* A, const T* Bp, const T* E, const T* DF, const T* lse, T* dq, T* dk, T* dv, T* dsig) {
+  const int64_t L = br.L, D = br.D, H = br.H;
+  const T* K = br.k + (kb * H + h) * L * D;
+  const T* V = br.v + (kb * H + h) * L * D;
+  T* DK = dk + (kb * H + h) * L * D;
+  T* DV = dv + (kb * H + h) * L * D;
+  std::fill(DK, DK + L * D, T(0));
+  std::fill(DV, DV + L * D, T(0));
+  std::vector<T> S(BM * L), GV(BM * L), P(BM * L), DS(BM * L);
+  PriorRow<T> pr(rows, cols);
+  const int64_t b0 = br.Bk == 1 ? 0 : kb, b1 = br.Bk == 1 ? br.B : kb + 1;
+  for (int64_t b = b0; b < b1; ++b) {  // fixed order: deterministic batch reduction of dk, dv
+    const int64_t row0 = (b * H + h) * L;
+    const T* Q = br.q + row0 * D;
+    const T* G = gout + row0 * D;
+    const T* SG = br.sigma + row0 * 2;
+    for (int64_t i0 = 0; i0 < L; i0 += BM) {
+      const int64_t nb = std::min(BM, L - i0);
+      scores<T>(Q, K, i0, nb, L, D, scale, S.data());
+      scores<T>(G, V, i0, nb, L, D, T(1), GV.data());
+      for (int64_t ii = 0; ii < nb; ++ii) {
+        const int64_t i = i0 + ii, x = row0 + i;
+        const T sy = SG[2 * i], sx = SG[2 * i + 1];
+        pr.set(i, sy, sx, rows, cols);
+        T W, Sy, Sx;
+        T *srow = S.data() + ii * L, *gvrow = GV.data() + ii * L, *prow = P.data() + ii * L, *dsrow = DS.data() + ii * L;
+        if (eps > T(0))
+          row_backward<T, true>(srow, gvrow, lse[x], DF[x], A[x], E[x], pr, rows, cols, eps, scale, prow, dsrow, &W,
+                                &Sy, &Sx);
+        else
+          row_backward<T, false>(srow, gvrow, lse[x], DF[x], A[x], E[x], pr, rows, cols, eps, scale, prow, dsrow, &W,
+                                 &Sy, &Sx);
+        dsig[2 * x] = i2c::dsigma_axis<T>(Bp[x], Sy, W, pr.sum_t_dy2, sy);
+        dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sx);
+      }
+      mm<T>(false, false, nb, D, L, T(1), DS.data(), L, K, D, T(0), dq + (row0 + i0) * D, D);  // dq = dS K
+      mm<T>(true, false, L, D, nb, T(1), DS.data(), L, Q + i0 * D, D, T(1), DK, D);           // dk += dS^T Q
+      mm<T>(true, false, L, D, nb, T(1), P.data(), L, G + i0 * D, D, T(1), DV, D);            // dv += P^T G
+    }
+  }
+}
+
+void check_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s, int64_t rows,
+                  int64_t cols) {
+  for (const auto* t : {&q, &k, &v, &s}) {
+    TORCH_CHECK(t->device().is_cpu(), "fod_kernels cpu backend: tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fod_kernels cpu backend: mixed dtypes ", q.scalar_type(),
+                " and ", t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), "fod_kernels cpu backend: inputs must be contiguous");
+    TORCH_CHECK(t->dim() == 4, "fod_kernels cpu backend: inputs must be 4-D, got ", t->sizes());
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "fod_kernels cpu backend computes in float32 or float64, got ", q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  TORCH_CHECK((k.size(0) == 1 || k.size(0) == B) && k.size(1) == H && k.size(2) == L && k.size(3) == D,
+              "fod_kernels cpu backend: k must be (1 or B, H, L, D) with q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "fod_kernels cpu backend: v must match k, got ", v.sizes(), " vs ", k.sizes());
+  TORCH_CHECK(s.size(0) == B && s.size(1) == H && s.size(2) == L && s.size(3) == 2,
+              "fod_kernels cpu backend: sigma must be (B, H, L, 2), got ", s.sizes());
+  TORCH_CHECK(rows > 0 && cols > 0 && rows * cols == L, "fod_kernels cpu backend: grid (", rows, ", ", cols,
+              ") does not match L = ", L);
+}
+
+template <typename T>
+Branch<T> make_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s) {
+  return Branch<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), s.data_ptr<T>(),
+                   q.size(0),       k.size(0),       q.size(1),       q.size(2), q.size(3)};
+}
+
+std::vector<at::Tensor> forward(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
+                                const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& sigmas,
+                                int64_t rows, int64_t cols, double scale, double eps,
+                                const std::vector<bool>& need_stats) {
+  const size_t n = qs.size();
+  TORCH_CHECK(n > 0 && ks.size() == n && vs.size() == n && sigmas.size() == n && need_stats.size() == n,
+              "fod_kernels cpu backend: branch lists differ in length");
+  std::vector<at::Tensor> res;
+  for (size_t i = 0; i < n; ++i) {
+    check_branch(qs[i], ks[i], vs[i], sigmas[i], rows, cols);
+    TORCH_CHECK(qs[i].scalar_type() == qs[0].scalar_type(), "fod_kernels cpu backend: branches differ in dtype");
+    const auto& q = qs[i];
+    auto sopt = q.options();
+    auto stat = [&]() { return need_stats[i] ? at::empty({q.size(0), q.size(1), q.size(2)}, sopt) : at::empty({0}, sopt); };
+    res.push_back(at::empty_like(q));
+    res.push_back(at::empty({q.size(0), q.size(1), q.size(2)}, sopt));
+    for (int s = 0; s < 4; ++s) res.push_back(stat());
+  }
+  AT_DISPATCH_FLOATING_TYPES(qs[0].scalar_type(), "i2corr_cpu_forward", [&] {
+    std::vector<Branch<scalar_t>> brs;
+    std::vector<int64_t> first(n + 1, 0);
+    for (size_t i = 0; i < n; ++i) {
+      brs.push_back(make_branch<scalar_t>(qs[i], ks[i], vs[i], sigmas[i]));
+      const int64_t nblk = (brs[i].L + BM - 1) / BM;
+      first[i + 1] = first[i] + brs[i].B * brs[i].H * nblk;
+    }
+    run_tasks(first[n], [&](int64_t task) {
+      size_t i = 0;
+      while (task >= first[i + 1]) ++i;
+      const auto& br = brs[i];
+      const int64_t t = task - first[i], nblk = (br.L + BM - 1) / BM;
+      const int64_t bh = t / nblk, blk = t % nblk;
+      auto ptr = [&](int s) { return need_stats[i] ? res[6 * i + s].data_ptr<scalar_t>() : nullptr; };
+      forward_task<scalar_t>(br, int(rows), int(cols), scalar_t(scale), scalar_t(eps), need_stats[i], bh / br.H,
+                             bh % br.H, blk * BM, res[6 * i].data_ptr<scalar_t>(),
+                             res[6 * i + 1].data_ptr<scalar_t>(), ptr(2), ptr(3), ptr(4), ptr(5));
+    });
+  });
+  return res;
+}
+
+std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const std::vector<at::Tensor>& g_kla,
+                                 const std::vector<at::Tensor>& g_klp, const std::vector<at::Tensor>& g_ents,
+                                 const std::vector<at::Tensor>& dfulls, const std::vector<at::Tensor>& qs,
+                                 const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+                                 const std::vector<at::Tensor>& sigmas, const std::vector<at::Tensor>& lses,
+                                 int64_t rows, int64_t cols, double scale, double eps) {
+  const size_t n = qs.size();
+  TORCH_CHECK(n > 0 && g_outs.size() == n && g_kla.size() == n && g_klp.size() == n && g_ents.size() == n &&
+                  dfulls.size() == n && ks.size() == n && vs.size() == n && sigmas.size() == n && lses.size() == n,
+              "fod_kernels cpu backend: branch lists differ in length");
+  std::vector<at::Tensor> res, gs, as, bs, es, dfs, ls;
+  for (size_t i = 0; i < n; ++i) {
+    check_branch(qs[i], ks[i], vs[i], sigmas[i], rows, cols);
+    const auto& q = qs[i];
+    auto row_stat = [&](const at::Tensor& t, const char* name) {
+      TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
+                  "fod_kernels cpu backend: ", name, " must be (B, H, L), got ", t.sizes());
+      return t.to(q.scalar_type()).contiguous();
+    };
+    TORCH_CHECK(g_outs[i].sizes() == q.sizes(), "fod_kernels cpu backend: grad_out must match q");
+    gs.push_back(g_outs[i].to(q.scalar_type()).contiguous());
+    as.push_back(row_stat(g_kla[i], "grad kl_attn"));
+    bs.push_back(row_stat(g_klp[i], "grad kl_prior"));
+    es.push_back(row_stat(g_ents[i], "grad entropy"));
+    dfs.push_back(row_stat(dfulls[i], "dfull"));
+    ls.push_back(row_stat(lses[i], "lse"));
+    res.push_back(at::empty_like(q));
+    res.push_back(at::empty_like(ks[i]));
+    res.push_back(at::empty_like(vs[i]));
+    res.push_back(at::empty_like(sigmas[i]));
+  }
+  AT_DISPATCH_FLOATING_TYPES(qs[0].scalar_type(), "i2corr_cpu_backward", [&] {
+    std::vector<Branch<scalar_t>> brs;
+    std::vector<std::pair<int64_t, int64_t>> order;  // (cost, task) sorted, costliest first
+    std::vector<int64_t> first(n + 1, 0);
+    for (size_t i = 0; i < n; ++i) {
+      brs.push_back(make_branch<scalar_t>(qs[i], ks[i], vs[i], sigmas[i]));
+      first[i + 1] = first[i] + brs[i].Bk * brs[i].H;
+      const int64_t per = (brs[i].Bk == 1 ? brs[i].B : 1) * brs[i].L;
+      for (int64_t t = first[i]; t < first[i + 1]; ++t) order.emplace_back(-per, t);
+    }
+    std::stable_sort(order.begin(), order.end());
+    run_tasks(first[n], [&](int64_t slot) {
+      const int64_t task = order[slot].second;
+      size_t i = 0;
+      while (task >= first[i + 1]) ++i;
+      const auto& br = brs[i];
+      const int64_t t = task - first[i];
+      auto P = [&](const at::Tensor& x) { return x.data_ptr<scalar_t>(); };
+      backward_task<scalar_t>(br, int(rows), int(cols), scalar_t(scale), scalar_t(eps), t / br.H, t % br.H,
+                              P(gs[i]), P(as[i]), P(bs[i]), P(es[i]), P(dfs[i]), P(ls[i]), P(res[4 * i]),
+                              P(res[4 * i + 1]), P(res[4 * i + 2]), P(res[4 * i + 3]));
+    });
+  });
+  return res;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fod_kernels: fused I2Correlation kernels for the CPU (float32, float64)";
+  m.def("forward", &forward, "I2Correlation forward over a list of branches");
+  m.def("backward", &backward, "I2Correlation backward over a list of branches");
+}

@@ -1,0 +1,57 @@
+"""Backend "cpu": the fused C++ kernels of csrc/cpu (float32 and float64 natively).
+
+bfloat16/float16 inputs are computed in float32 (the CPU has no fast low-precision
+path worth the accuracy loss) and the results cast back to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from ._custom_op import make_kernel_op
+
+NATIVE = (torch.float32, torch.float64)
+
+
+def status():
+    mod, why = _ext.load("_C")
+    return (True, "fused C++ kernels, float32/float64 (bf16/fp16 computed in float32)") if mod else (False, why)
+
+
+def supports_device(device: torch.device):
+    if device.type != "cpu":
+        return False, f"the cpu backend takes CPU tensors, got {device}"
+    return True, ""
+
+
+def _ext_mod():
+    mod, why = _ext.load("_C")
+    if mod is None:
+        raise RuntimeError(why)
+    return mod
+
+
+def _compute_dtype(dtype):
+    return dtype if dtype in NATIVE else torch.float32
+
+
+def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+    dt = qs[0].dtype
+    cd = _compute_dtype(dt)
+    cast = lambda ts: [t.to(cd).contiguous() for t in ts]  # noqa: E731
+    res = _ext_mod().forward(cast(qs), cast(ks), cast(vs), cast(sigmas), rows, cols, scale, eps, list(need_stats))
+    if cd != dt:
+        res = [r.to(dt) if i % 6 == 0 else r for i, r in enumerate(res)]
+    return res
+
+
+def bwd(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    dt = qs[0].dtype
+    cd = _compute_dtype(dt)
+    cast = lambda ts: [t.to(cd).contiguous() for t in ts]  # noqa: E731
+    res = _ext_mod().backward(cast(g_outs), cast(g_kla), cast(g_klp), cast(g_ents), cast(dfulls), cast(qs), cast(ks),
+                              cast(vs), cast(sigmas), cast(lses), rows, cols, scale, eps)
+    return [r.to(dt) for r in res] if cd != dt else res
+
+
+run = make_kernel_op("cpu", fwd, bwd)
