@@ -137,10 +137,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _mean32(x):
+    """Mean accumulated in at least float32 (bfloat16 outputs), float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)).mean()
+
+
 def fod_loss(oi, oe, kai, kpi, ei, kae, kpe, ee, g):
     """The FOD objective of one layer as ONE scalar (spec sections 2 and 5): both official
     backward passes summed, so the reconstruction term counts twice."""
-    rec = ((oi - oe) * g).float().mean()
+    rec = _mean32((oi - oe) * g)
     loss1 = LAMBDA1 * (kpi.mean() - kpe.mean())  # reaches sigma only
     loss2 = -LAMBDA1 * kai.mean() - LAMBDA2 * ei.mean() + LAMBDA1 * kae.mean() + LAMBDA2 * ee.mean()  # q, k only
     return 2 * rec + loss1 + loss2
@@ -243,7 +248,7 @@ class OfficialProvider:
         oi, ai, ti = self._branch(inp.q, inp.k, inp.v, inp.sigma, dist)
         oe, ae, te = self._branch(inp.q_ref, inp.k_ref, inp.v_ref, inp.sigma_ref, dist)
         kl, ent = self.kl, self.entropy
-        rec = ((oi - oe) * inp.g).float().mean()
+        rec = _mean32((oi - oe) * inp.g)
         series_i = kl(ai, ti.detach()) + kl(ti.detach(), ai)
         series_e = kl(ae, te.detach()) + kl(te.detach(), ae)
         prior_i = kl(ti, ai.detach()) + kl(ai.detach(), ti)
@@ -339,7 +344,7 @@ class SdpaProvider:
 
     def fwd(self, inp):
         oi, oe = self._outs(inp)
-        return ((oi - oe) * inp.g).float().mean()
+        return _mean32((oi - oe) * inp.g)
 
     def bwd(self, loss):
         loss.backward()
@@ -481,7 +486,8 @@ def memprobe_subprocess(provider, B, L, D, dtype, modes, grid=None, timeout=900)
 
 
 def _worker(args, timeout, extra_env=None):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", FOD_KERNELS_QUIET="1", **(extra_env or {}))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", FOD_KERNELS_QUIET="1",
+               FOD_BENCH_THREADS=str(torch.get_num_threads()), **(extra_env or {}))
     t0 = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, str(Path(__file__).resolve())] + args, capture_output=True, text=True,
@@ -552,6 +558,8 @@ def _memprobe(spec):
 
 
 if __name__ == "__main__":
+    if os.environ.get("FOD_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["FOD_BENCH_THREADS"]))
     cmd, arg = sys.argv[1], json.loads(sys.argv[2])
     result = {"memprobe": _memprobe, "oomtrial": _oomtrial}[cmd](arg)
     print(json.dumps(result), flush=True)
