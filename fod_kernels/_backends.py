@@ -75,6 +75,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@torch.compiler.assume_constant_result
+def resolve_backend_name(backend: str, device_type: str) -> str:
+    """resolve_backend, memoised per (backend, device type); a constant for torch.compile."""
+    key = (backend, device_type)
+    if key not in _resolved:
+        _resolved[key] = resolve_backend(backend, torch.device(device_type))
+    return _resolved[key]
+
+
+_resolved: dict = {}
+
+
 def get_runner(name: str):
-    """run(branches, rows, cols, scale, eps, need_stats) of a kernel backend."""
-    return _module(name).run
+    """run(branches, rows, cols, scale, eps, need_stats) of a kernel backend (static imports, traceable)."""
+    if name == "cpu":
+        from . import backend_cpu
+        return backend_cpu.run
+    if name == "cuda":
+        from . import backend_cuda
+        return backend_cuda.run
+    if name == "triton":
+        from . import backend_triton
+        return backend_triton.run
+    raise ValueError(f"unknown kernel backend {name!r}")

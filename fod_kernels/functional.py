@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._backends import get_runner, resolve_backend
+from ._backends import get_runner, resolve_backend_name
 from ._validate import check_branch, check_scalars
 from .reference import correlation_reference
 
@@ -51,7 +51,7 @@ def _run(branches, grid, scale, eps, backend, need_stats, check_values):
     q0 = fixed[0][0]
     if scale is None:
         scale = q0.shape[-1] ** -0.5
-    name = resolve_backend(backend, q0.device)
+    name = resolve_backend_name(backend, q0.device.type)
     if name == "reference":
         results = [correlation_reference(*br, (rows, cols), scale=scale, eps=eps) for br in fixed]
     else:

@@ -68,6 +68,10 @@ def max_err(a, b):
 def assert_fa_rule(got: dict, ref_lp: dict, ref64: dict, dtype, names=NAMES, mult=MULT, floor_ulps=32.0, label=""):
     """err(got, ref64) <= mult * err(ref_lp, ref64) + floor_ulps * eps(dtype) * max(1, max|ref64|)."""
     ulp = torch.finfo(dtype).eps
+    if dtype == torch.float64:
+        # The same-precision reference *is* the oracle (its error is 0): allow for a different, equally
+        # valid summation order, amplified by the conditioning of the gradients (about 2e-12 relative).
+        floor_ulps = max(floor_ulps, 1e4)
     failures = []
     for n in names:
         x64 = ref64[n]
