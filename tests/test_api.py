@@ -1,0 +1,177 @@
+"""Public API: input checks, backend selection, the I2Correlation module and the one-backward minimax."""
+import pytest
+import torch
+
+import fod_kernels as fk
+from helpers import make_branch
+
+HAS_CPU = fk.available_backends()["cpu"].available
+KERNEL = "cpu" if HAS_CPU else "reference"
+
+
+def good(B=2, H=2, L=12, D=8, Bk=1):
+    return list(make_branch(B, H, L, D, Bk, seed=0))
+
+
+def call(q, k, v, s, grid=(3, 4), **kw):
+    return fk.correlation_attention(q, k, v, s, grid, backend=kw.pop("backend", "reference"), **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("mutate, exc, words", [
+    (lambda a: a.__setitem__(0, a[0][0]), ValueError, "4 dimensions"),
+    (lambda a: a.__setitem__(1, torch.randn(1, 3, 12, 8)), ValueError, "k must have shape"),
+    (lambda a: a.__setitem__(1, torch.randn(3, 2, 12, 8)), ValueError, "batch must be 1"),
+    (lambda a: a.__setitem__(2, torch.randn(1, 2, 12, 4)), ValueError, "v must have the shape of k"),
+    (lambda a: a.__setitem__(3, torch.rand(2, 2, 12, 1)), ValueError, "sigma must have shape"),
+    (lambda a: (a.__setitem__(1, torch.randn(1, 2, 10, 8)), a.__setitem__(2, torch.randn(1, 2, 10, 8))), ValueError, "S == L"),
+    (lambda a: a[3].__setitem__((0, 0, 0, 0), 0.0), ValueError, "sigma must be > 0"),
+    (lambda a: a[3].__setitem__((0, 0, 0, 0), -1.0), ValueError, "sigma must be > 0"),
+    (lambda a: a[0].__setitem__((0, 0, 0, 0), float("nan")), ValueError, "q contains NaN"),
+    (lambda a: a[2].__setitem__((0, 0, 0, 0), float("inf")), ValueError, "v contains NaN or inf"),
+    (lambda a: a.__setitem__(1, a[1].double()), TypeError, "share one dtype"),
+    (lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "floating"),
+    (lambda a: a.__setitem__(0, a[0].to("meta")), ValueError, "one device"),
+    (lambda a: a.__setitem__(0, a[0].numpy()), TypeError, "torch.Tensor"),
+])
+def test_bad_inputs_raise_clear_errors(backend, mutate, exc, words):
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("cpu backend not built")
+    a = good()
+    mutate(a)
+    with pytest.raises(exc, match=words):
+        call(*a, backend=backend)
+
+
+@pytest.mark.parametrize("grid, words", [((4, 4), "16 cells"), ((3,), "pair"), ((0, 12), "positive"), ("ab", "pair")])
+def test_bad_grid(grid, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        call(*good(), grid=grid)
+
+
+@pytest.mark.parametrize("kw, words", [(dict(eps=-1.0), "eps"), (dict(eps=float("nan")), "eps"), (dict(scale=0.0), "scale")])
+def test_bad_scalars(kw, words):
+    with pytest.raises(ValueError, match=words):
+        call(*good(), **kw)
+
+
+def test_unknown_and_unavailable_backends_are_errors_not_fallbacks():
+    with pytest.raises(ValueError, match="unknown backend"):
+        call(*good(), backend="fastest")
+    status = fk.available_backends()
+    assert set(status) == {"reference", "cpu", "triton", "cuda"}
+    assert all(isinstance(s.reason, str) and s.reason for s in status.values())
+    if not torch.cuda.is_available():
+        assert not status["cuda"].available
+        with pytest.raises(RuntimeError, match="cuda"):
+            call(*good(), backend="cuda")
+
+
+def test_auto_picks_the_cpu_kernel_for_cpu_tensors():
+    if not HAS_CPU:
+        pytest.skip("cpu backend not built")
+    from fod_kernels._backends import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result():
+    q, k, v, s = good(Bk=2)
+    nc = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, s)]
+    assert not nc[0].is_contiguous()
+    o1, s1 = call(q, k, v, s, backend=KERNEL)
+    o2, s2 = call(*nc, backend=KERNEL)
+    assert torch.equal(o1, o2) and torch.equal(s1.kl_attn, s2.kl_attn)
+
+
+def test_expanded_memory_is_treated_as_shared():
+    q, k, v, s = good(Bk=1)
+    o1, _ = call(q, k, v, s, backend=KERNEL)
+    kk, vv = (t.detach().clone().requires_grad_() for t in (k, v))
+    o2, _ = call(q, kk.expand(2, -1, -1, -1), vv.expand(2, -1, -1, -1), s, backend=KERNEL)
+    assert torch.equal(o1, o2)
+    o2.sum().backward()
+    assert kk.grad.shape == k.shape
+
+
+def test_module_shapes_and_out_proj_switch():
+    torch.manual_seed(0)
+    m = fk.I2Correlation(32, 4, (4, 5), backend=KERNEL)
+    x, ref = torch.randn(3, 20, 32), torch.randn(1, 20, 32)
+    h, si, se = m(x, ref)
+    assert h.shape == (3, 20, 32) and si.kl_attn.shape == (3, 4, 20) and se.entropy.shape == (3, 4, 20)
+    compat = fk.I2Correlation(32, 4, (4, 5), backend=KERNEL, out_proj=False)
+    assert not hasattr(compat, "intra_out")
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(3, 20, 16), ref)
+    with pytest.raises(ValueError, match="grid"):
+        m(torch.randn(3, 21, 32), torch.randn(1, 21, 32))
+    with pytest.raises(ValueError, match="divisible"):
+        fk.I2Correlation(30, 4, (4, 5))
+
+
+def test_module_kernel_matches_reference():
+    torch.manual_seed(0)
+    m = fk.I2Correlation(32, 4, (4, 5), backend="reference").double()
+    x, ref = torch.randn(2, 20, 32, dtype=torch.float64), torch.randn(1, 20, 32, dtype=torch.float64)
+    h_ref, si_ref, se_ref = m(x, ref)
+    m.backend = KERNEL
+    h, si, se = m(x, ref)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(se.kl_attn, se_ref.kl_attn)
+
+
+def _minimax_losses(m, x, ref, l1=0.5, l2=0.5):
+    h, si, se = m(x, ref)
+    rec = (h - x).square().mean() + (1 - torch.nn.functional.cosine_similarity(h, x, dim=-1)).mean()
+    return rec, si, se
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_single_backward_equals_official_two_backward(backend):
+    """One backward of the routed loss == loss1 (attention detached) + loss2 (prior detached), summed."""
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("cpu backend not built")
+    torch.manual_seed(1)
+    l1 = l2 = 0.5
+    m = fk.I2Correlation(16, 2, (3, 4), backend=backend).double()
+    x, ref = torch.randn(2, 12, 16, dtype=torch.float64), torch.randn(1, 12, 16, dtype=torch.float64)
+
+    # ours: one scalar, one backward
+    m.zero_grad()
+    rec, si, se = _minimax_losses(m, x, ref)
+    K = lambda s, route: getattr(s, route).mean()  # noqa: E731
+    loss = (2 * rec + l1 * K(si, "kl_prior") - l1 * K(se, "kl_prior") - l1 * K(si, "kl_attn")
+            - l2 * si.entropy.mean() + l1 * K(se, "kl_attn") + l2 * se.entropy.mean())
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    # official: two losses on materialised matrices with explicit detaches, two backward passes
+    from fod_kernels.reference import correlation_reference
+    m.zero_grad()
+    grads = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    for which in (1, 2):
+        m.zero_grad()
+        H, Dh = m.n_heads, m.d_head
+        heads = lambda t: t.view(t.shape[0], 12, H, Dh).transpose(1, 2)  # noqa: E731
+        branches = [
+            (heads(m.intra_q(x)), heads(m.intra_k(x)), heads(m.intra_v(x)), m._sigma(m.intra_sigma, x)),
+            (heads(m.inter_q(x)), heads(m.inter_k(ref)), heads(m.inter_v(ref)), m._sigma(m.inter_sigma, x)),
+        ]
+        outs, Ks, Es = [], [], []
+        for q, k, v, s in branches:
+            out, kla, klp, ent = correlation_reference(q, k, v, s, (3, 4))
+            outs.append(m._merge(out))
+            Ks.append(klp.mean() if which == 1 else kla.mean())  # loss 1: sigma only; loss 2: q, k only
+            Es.append(ent.mean())
+        h = m.intra_out(outs[0]) - m.inter_out(outs[1])
+        rec = (h - x).square().mean() + (1 - torch.nn.functional.cosine_similarity(h, x, dim=-1)).mean()
+        if which == 1:
+            lo = rec + l1 * Ks[0] - l1 * Ks[1]
+        else:
+            lo = rec - l1 * Ks[0] - l2 * Es[0] + l1 * Ks[1] + l2 * Es[1]
+        lo.backward()
+        for n, p in m.named_parameters():
+            if p.grad is not None:
+                grads[n] += p.grad
+    for n in ours:
+        torch.testing.assert_close(ours[n], grads[n], msg=lambda s, n=n: f"{n}: {s}")
