@@ -7,6 +7,7 @@ four gradients with the float64 reference through helpers.check_backend (FlashAt
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 import fod_kernels as fk
 from fod_kernels import backend_cuda
+from fod_kernels._custom_op import make_kernel_op
 from helpers import assert_fa_rule, check_backend, make_branch, upstream, values_and_grads
 from fod_kernels.reference import correlation_reference
 
@@ -62,6 +64,122 @@ def test_kernel_functions_raise_the_reason_when_unbuilt():
     q, k, v, s = make_branch(1, 1, 4, 8, 1)
     with pytest.raises(RuntimeError, match=re.escape(why)):
         backend_cuda.fwd([q], [k], [v], [s], 2, 2, 0.5, 1e-4, [True])
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels on the CPU: i2corr_cuda.cu compiled as C++ against csrc/cuda/sim_cpu.cuh
+# (blocks of std::threads, barriers for __syncthreads and the warp shuffles). This runs the real
+# kernel code (tiling, masks, padding, shared-memory batch loop, fused branches) without a GPU;
+# only the launch syntax and the device headers are rewritten.
+# ---------------------------------------------------------------------------------------------
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _sim_source() -> str:
+    src = (CSRC / "cuda" / "i2corr_cuda.cu").read_text()
+
+    def sub(pattern, repl, text, count):
+        new, n = re.subn(pattern, repl, text)
+        assert n == count, f"sim rewrite {pattern!r}: {n} matches, expected {count}; update the test"
+        return new
+
+    src = sub(r"#include <c10/cuda/\w+\.h>\n", "", src, 3)
+    src = sub(r"extern __shared__ float smem\[\];", "float* smem = sim::dynamic_smem();", src, 3)
+    src = sub(r"(\S+?)<<<(.+?), NT, (\w+), stream>>>\(P\);", r"sim::launch(\2, NT, \3, [&] { \1(P); });", src, 4)
+    src = sub(r"\.is_cuda\(\)", ".defined()", src, 3)
+    bindings = (CSRC / "cuda" / "bindings.cpp").read_text()
+    return '#include "cuda/sim_cpu.cuh"\n' + src + "\n" + bindings
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory):
+    from torch.utils.cpp_extension import load
+
+    path = tmp_path_factory.mktemp("cuda_sim") / "i2corr_cuda_sim.cpp"
+    path.write_text(_sim_source())
+    mod = load(name="fod_kernels_cuda_sim", sources=[str(path)], extra_include_paths=[str(CSRC)],
+               extra_cflags=["-O1", "-pthread"], extra_ldflags=["-pthread"])
+    fwd = lambda qs, ks, vs, sigmas, rows, cols, scale, eps, need: mod.forward(  # noqa: E731
+        qs, ks, vs, sigmas, rows, cols, scale, eps, list(need))
+
+    def bwd(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+        return mod.backward(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps)
+
+    return make_kernel_op("cuda_sim", fwd, bwd)
+
+
+def _sim_fn(run, grid, eps, need=True):
+    def fn(q, k, v, s):
+        out, kla, klp, ent = run([(q, k, v, s)], *grid, q.shape[-1] ** -0.5, eps, [need])[0]
+        if not need:
+            z = out.new_zeros(out.shape[:3], dtype=torch.float32)
+            return out, z, z, z
+        return out, kla, klp, ent
+    return fn
+
+
+def _sim_check(run, branch, grid, eps, dtype, names=("out", "kl", "ent", "dq", "dk", "dv", "dsigma"), need=True,
+               label=""):
+    ups = upstream(branch[0], 1)
+    if not need:
+        ups = (ups[0], *(torch.zeros_like(u) for u in ups[1:]))
+    ref = lambda q, k, v, s: correlation_reference(q, k, v, s, grid, eps=eps)  # noqa: E731
+    ref64 = values_and_grads(ref, tuple(t.double() for t in branch), ups)
+    ref_lp = values_and_grads(ref, branch, ups)
+    got = values_and_grads(_sim_fn(run, grid, eps, need), branch, ups)
+    if need:
+        assert torch.equal(got["kl"], got["kl_prior"])
+    assert_fa_rule(got, ref_lp, ref64, dtype, names=names, label=label)
+    return got
+
+
+SIM_CASES = [  # grid, D, B, shared, eps, dtype, sigma range
+    ((8, 8), 8, 2, False, 1e-4, torch.float32, (0.1, 2.0)),
+    ((13, 10), 40, 2, True, 0.0, torch.float32, (1e-5, 2.0)),  # 3 query tiles, the last partial
+    ((5, 21), 100, 3, True, 1e-4, torch.float32, (0.1, 2.0)),  # D bucket 128: 32-key backward tiles
+    ((1, 70), 17, 1, False, 0.0, torch.float32, (1e-5, 1e-3)),
+    ((9, 9), 33, 2, False, 1e-4, torch.bfloat16, (0.1, 2.0)),
+    ((7, 11), 64, 2, True, 1e-4, torch.float16, (0.5, 2.0)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid,D,B,shared,eps,dtype,sig", SIM_CASES)
+def test_sim_kernels_match_float64(sim_run, grid, D, B, shared, eps, dtype, sig):
+    L = grid[0] * grid[1]
+    br = make_branch(B, 2, L, D, 1 if shared else B, dtype=dtype, seed=L + D, sigma_lo=sig[0], sigma_hi=sig[1])
+    _sim_check(sim_run, br, grid, eps, dtype, label=f"sim grid={grid} D={D} shared={shared} eps={eps} {dtype}")
+
+
+@pytest.mark.slow
+def test_sim_inference_path(sim_run):
+    grid, D = (10, 13), 24
+    br = make_branch(2, 1, 130, D, 1, seed=3)
+    got = _sim_check(sim_run, br, grid, 1e-4, torch.float32, names=("out", "dq", "dk", "dv"), need=False)
+    assert torch.count_nonzero(got["dsigma"]) == 0
+    full = sim_run([br], *grid, D ** -0.5, 1e-4, [True])[0]
+    lean = sim_run([br], *grid, D ** -0.5, 1e-4, [False])[0]
+    assert torch.equal(full[0], lean[0]) and lean[1:] == (None, None, None)
+
+
+@pytest.mark.slow
+def test_sim_fused_branches_equal_single_calls(sim_run):
+    grid, D, B = (10, 13), 24, 2
+    intra = make_branch(B, 2, 130, D, B, seed=4)
+    inter = make_branch(B, 2, 130, D, 1, seed=5, sigma_lo=1e-5)
+    scale = D ** -0.5
+    leaves = [t.clone().requires_grad_(True) for t in (*intra, *inter)]
+    fused = sim_run([leaves[:4], leaves[4:]], *grid, scale, 1e-4, [True, True])
+    ups = [upstream(intra[0], 6), upstream(inter[0], 7)]
+    loss = sum((o.double() * g).sum() + (a_.double() * a).sum() + (b_.double() * b).sum() + (e_.double() * e).sum()
+               for (o, a_, b_, e_), (g, a, b, e) in zip(fused, ups))
+    grads = torch.autograd.grad(loss, leaves)
+    for i, br in enumerate((intra, inter)):
+        single = values_and_grads(_sim_fn(sim_run, grid, 1e-4), br, ups[i])
+        for j, n in enumerate(("out", "kl", "kl_prior", "ent")):
+            assert torch.equal(single[n], fused[i][j].detach().double()), (i, n)
+        for j, n in enumerate(("dq", "dk", "dv", "dsigma")):
+            assert torch.equal(single[n], grads[4 * i + j].double()), (i, n)
 
 
 # ---------------------------------------------------------------------------------------------
