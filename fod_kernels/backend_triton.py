@@ -102,6 +102,11 @@ def _precision(dtype):
     return _fp32_precision if dtype == torch.float32 else "ieee"
 
 
+def _upcast(dtype):
+    # The interpreter cannot multiply bfloat16 tiles; it gets the same values as fp32 (exact).
+    return _INTERPRET and dtype == torch.bfloat16
+
+
 def _groups(qs, need_stats):
     """Branch indices that can share a launch: equal need_stats and head dim."""
     groups = {}
@@ -139,7 +144,7 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
             per_branch += [qs[j], ks[j], vs[j], sigmas[j], out, lse, kl, ent, r1, r2]
         grid = (triton.cdiv(L, bm), B * H, len(idx))
         _tk.fwd_kernel[grid](*per_branch, *_pair(kbs, idx), H, L, D, rows, cols, float(scale), float(eps),
-                             STATS=need, EPS_ZERO=eps == 0, PREC=_precision(qs[0].dtype),
+                             STATS=need, EPS_ZERO=eps == 0, PREC=_precision(qs[0].dtype), UPCAST=_upcast(qs[0].dtype),
                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_G=32 if not _INTERPRET else 16,
                              num_warps=warps, num_stages=_stages(qs[0].dtype))
     return [t for r in res for t in r]
@@ -174,7 +179,7 @@ def bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lse
         bm, bn, bd, warps = _blocks(L, D, qs[0].dtype)
         prec = _precision(qs[0].dtype)
         row_g = row if idx[0] == 0 else row[idx[0]:]
-        common = dict(EPS_ZERO=eps == 0, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        common = dict(EPS_ZERO=eps == 0, PREC=prec, UPCAST=_upcast(qs[0].dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
                       num_stages=_stages(qs[0].dtype))
         args = []
         for j in (idx[0], idx[-1]):

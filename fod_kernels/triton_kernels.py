@@ -11,7 +11,8 @@ The element terms follow csrc/i2corr_math.h: with p, t the probabilities,
 lp = log(p + eps), lt = log(t + eps), pe = p / (p + eps), te = t / (t + eps),
 and for eps = 0 exactly lp = s - lse, lt = l - logZ, pe = te = 1.
 
-Arithmetic is fp32 throughout (statistics, accumulators, exp/log); dots take
+All three kernels compute the scores as dot(q, trans(k)) * scale, so that forward and backward
+see the same s. Arithmetic is fp32 throughout (statistics, accumulators, exp/log); dots take
 the input dtype (p and ds are cast to it for the second product, as in
 FlashAttention) and accumulate in fp32. ``PREC`` is the dot input precision for
 fp32 inputs ("ieee" by default, "tf32" on request).
@@ -20,6 +21,17 @@ import triton
 import triton.language as tl
 
 NEG = tl.constexpr(-1.0e30)  # score of a masked key: exp underflows to 0 without inf - inf
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST (set under the interpreter for bfloat16 only, whose dot it
+    cannot do) multiplies the same values as fp32: bf16 products are exact in fp32, so nothing changes."""
+    if UPCAST:
+        res = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        res = tl.dot(a, b, input_precision=PREC)
+    return res
 
 
 @triton.jit
@@ -46,13 +58,11 @@ def _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def _terms(s, lse, l, logz, eps, EPS_ZERO: tl.constexpr):
-    """p, t and the log terms (lp, lt, pe, te) of i2c::log_terms; arguments broadcast."""
-    p = tl.exp(s - lse)
-    t = tl.exp(l - logz)
+def _log_terms(p, t, lp_exact, lt_exact, eps, EPS_ZERO: tl.constexpr):
+    """i2c::log_terms: (lp, lt, pe, te) from p, t and their exact logs."""
     if EPS_ZERO:
-        lp = s - lse
-        lt = l - logz
+        lp = lp_exact
+        lt = lt_exact
         pe = tl.full(p.shape, 1.0, tl.float32)
         te = tl.full(p.shape, 1.0, tl.float32)
     else:
@@ -62,7 +72,7 @@ def _terms(s, lse, l, logz, eps, EPS_ZERO: tl.constexpr):
         lt = tl.log(tt)
         pe = p / pp
         te = t / tt
-    return p, t, lp, lt, pe, te
+    return lp, lt, pe, te
 
 
 # ---------------------------------------------------------------------------
@@ -72,7 +82,7 @@ def _terms(s, lse, l, logz, eps, EPS_ZERO: tl.constexpr):
 def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
                Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1,
                KBS0, KBS1, H, L, D, rows, cols, scale, eps,
-               STATS: tl.constexpr, EPS_ZERO: tl.constexpr, PREC: tl.constexpr,
+               STATS: tl.constexpr, EPS_ZERO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -92,33 +102,39 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
     mask_d = offs_d < D
     q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
-    # Pass 1: online softmax.
+    # Pass 1: online softmax: lse, and out with rescaling when there is no second pass. With the
+    # statistics, out is accumulated in pass 2 from the exact p = exp(s - lse) instead: then out, R1, R2
+    # and the backward's recomputed p all rest on one p, and Dfull = <g_out, out> + a R1 + e R2 cancels
+    # against p * u in ds to rounding (the rescaled p of pass 1 differs by ulps of |s|, which with
+    # large logits does not cancel against the large log terms).
     m_i = tl.full([BLOCK_M], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < L
-        kt = tl.load(K + k_base + offs_n[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_n[None, :],
-                     other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * scale
+        k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
         s = tl.where(mask_n[None, :], s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         pexp = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pexp, axis=1)
-        v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v, input_precision=PREC)
+        if not STATS:
+            v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None] + _dot(pexp.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
-    out = acc / l_i[:, None]
-    lse = m_i + tl.log(l_i)
-    tl.store(O + q_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    log_l = tl.log(l_i)
+    inv_l = 1.0 / l_i
+    lse = m_i + log_l
     tl.store(LSE + row0 + offs_m, lse, mask=mask_m)
-
-    if STATS:
-        # Pass 2: exact p and t, the row sums of the element terms.
+    o_ptrs = O + q_base + offs_m[:, None] * D + offs_d[None, :]
+    if not STATS:
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    else:
+        # Pass 2: exact p and t; out, and the row sums of the element terms.
         sy = tl.load(SG + (row0 + offs_m) * 2, mask=mask_m, other=1.0).to(tl.float32)
         sx = tl.load(SG + (row0 + offs_m) * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
         logz, cy, cx = _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G)
@@ -131,20 +147,28 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
         for n0 in range(0, L, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < L
-            kt = tl.load(K + k_base + offs_n[None, :] * D + offs_d[:, None], mask=mask_d[:, None] & mask_n[None, :],
-                         other=0.0)
-            s = tl.dot(q, kt, input_precision=PREC) * scale
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+            s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
             s = tl.where(mask_n[None, :], s, NEG)
             dy = ri[:, None] - (offs_n // cols).to(tl.float32)[None, :]
             dx = ci[:, None] - (offs_n % cols).to(tl.float32)[None, :]
             lw = -dy * dy * cy[:, None] - dx * dx * cx[:, None]
-            p, t, lp, lt, pe, te = _terms(s, lse[:, None], lw, logz[:, None], eps, EPS_ZERO)
+            # p from the row max and sum, not from lse: s - m is exact and Sum_j p = 1 to rounding, which
+            # out, R1, R2 (hence Dfull) rely on; exp(s - lse) would carry lse's rounding, ulp(|lse|).
+            sm = s - m_i[:, None]
+            p = tl.exp(sm) * inv_l[:, None]
+            t = tl.exp(lw - logz[:, None])
+            lp, lt, pe, te = _log_terms(p, t, sm - log_l[:, None], lw - logz[:, None], eps, EPS_ZERO)
+            v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+            acc += _dot(p.to(v.dtype), v, PREC, UPCAST)
             valid = mask_n[None, :]
             t = tl.where(valid, t, 0.0)
             kl += tl.sum(tl.where(valid, (p - t) * (lp - lt), 0.0), axis=1)
             ent += tl.sum(tl.where(valid, -p * lp, 0.0), axis=1)
             r1 += tl.sum(tl.where(valid, p * (lp - lt) + pe * (p - t), 0.0), axis=1)
             r2 += tl.sum(tl.where(valid, -p * (lp + pe), 0.0), axis=1)
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         tl.store(KL + row0 + offs_m, kl, mask=mask_m)
         tl.store(ENT + row0 + offs_m, ent, mask=mask_m)
         tl.store(RA + row0 + offs_m, r1, mask=mask_m)
@@ -176,7 +200,7 @@ def logz_kernel(SG0, SG1, ROW, NROW, L, rows, cols, BLOCK_M: tl.constexpr, BLOCK
 @triton.jit(do_not_specialize=["BK0", "BK1"])
 def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, DV1, ROW,
                     BK0, BK1, B, H, L, D, rows, cols, scale, eps, NROW,
-                    EPS_ZERO: tl.constexpr, PREC: tl.constexpr,
+                    EPS_ZERO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One key block of one (k-batch, head): dk, dv summed over the query blocks, and over the
     query batch when k, v are batch-shared (Bk = 1): a plain loop, deterministic, no atomics."""
@@ -223,19 +247,24 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
             sy = tl.load(SG + rr * 2, mask=mask_m, other=1.0).to(tl.float32)
             sx = tl.load(SG + rr * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
             # Transposed tiles: keys along axis 0, queries along axis 1.
-            s = tl.dot(k, tl.trans(q), input_precision=PREC) * scale
+            # The scores exactly as the forward and the dq kernel compute them (same operand order), so that
+            # p agrees bitwise with the p behind lse, R1, R2: with large logits a one-ulp change of s
+            # would not cancel in p * (u - Dfull).
+            s = tl.trans(_dot(q, tl.trans(k), PREC, UPCAST) * scale)
             dy = (offs_m // cols).to(tl.float32)[None, :] - rj[:, None]
             dx = (offs_m % cols).to(tl.float32)[None, :] - cj[:, None]
             lw = -dy * dy * (0.5 / (sy * sy))[None, :] - dx * dx * (0.5 / (sx * sx))[None, :]
-            p, t, lp, lt, pe, te = _terms(s, lse[None, :], lw, logz[None, :], eps, EPS_ZERO)
+            p = tl.exp(s - lse[None, :])
+            t = tl.exp(lw - logz[None, :])
+            lp, lt, pe, te = _log_terms(p, t, s - lse[None, :], lw - logz[None, :], eps, EPS_ZERO)
             valid = mask_n[:, None] & mask_m[None, :]
             p = tl.where(valid, p, 0.0)
-            gv = tl.dot(v, tl.trans(do), input_precision=PREC)
+            gv = _dot(v, tl.trans(do), PREC, UPCAST)
             ds = (p * (gv - dfull[None, :]) + a[None, :] * (p * (lp - lt) + pe * (p - t))
                   - e[None, :] * p * (lp + pe))
             ds = tl.where(valid, ds, 0.0)
-            dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)
-            dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)
+            dv += _dot(p.to(do.dtype), do, PREC, UPCAST)
+            dk += _dot(ds.to(q.dtype), q, PREC, UPCAST)
     dk = dk * scale
     store_mask = mask_nd & (kb < BK)
     tl.store(DK + k_base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=store_mask)
@@ -245,7 +274,7 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
 @triton.jit(do_not_specialize=["KBS0", "KBS1"])
 def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1, ROW,
                   KBS0, KBS1, H, L, D, rows, cols, scale, eps, NROW,
-                  EPS_ZERO: tl.constexpr, PREC: tl.constexpr,
+                  EPS_ZERO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One query block: dq, and dsigma from the five row sums of spec section 3
     (W = sum tw, sum tw dy^2, sum tw dx^2, sum t dy^2, sum t dx^2; tw = i2c::tw_elem)."""
@@ -295,21 +324,23 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
         dy = ri[:, None] - (offs_n // cols).to(tl.float32)[None, :]
         dx = ci[:, None] - (offs_n % cols).to(tl.float32)[None, :]
         dy2 = dy * dy
         dx2 = dx * dx
         lw = -dy2 * cy[:, None] - dx2 * cx[:, None]
-        p, t, lp, lt, pe, te = _terms(s, lse[:, None], lw, logz[:, None], eps, EPS_ZERO)
+        p = tl.exp(s - lse[:, None])
+        t = tl.exp(lw - logz[:, None])
+        lp, lt, pe, te = _log_terms(p, t, s - lse[:, None], lw - logz[:, None], eps, EPS_ZERO)
         valid = mask_m[:, None] & mask_n[None, :]
         p = tl.where(valid, p, 0.0)
         t = tl.where(valid, t, 0.0)
-        gv = tl.dot(do, tl.trans(v), input_precision=PREC)
+        gv = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = (p * (gv - dfull[:, None]) + a[:, None] * (p * (lp - lt) + pe * (p - t))
               - e[:, None] * p * (lp + pe))
         ds = tl.where(valid, ds, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
         tw = tl.where(valid, t * (lt - lp) + te * (t - p), 0.0)
         w_sum += tl.sum(tw, axis=1)
         tw_dy += tl.sum(tw * dy2, axis=1)
