@@ -50,6 +50,7 @@ def pytest_addoption(parser):
     g.addoption("--fod-oom-trial-seconds", type=int, default=240, help="time limit of one OOM trial")
     g.addoption("--fod-model", action="store_true", default=True, help="full-model benchmark (default on)")
     g.addoption("--fod-no-model", action="store_false", dest="fod_model")
+    g.addoption("--fod-model-batch", type=int, default=0, help="batch of the full-model benchmark (1 CPU, 8 CUDA)")
 
 
 def pytest_configure(config):

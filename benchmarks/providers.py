@@ -406,6 +406,16 @@ def run_once(provider, mode, inp):
     return target(*args[0]) if args else target()
 
 
+def warm_up(provider, mode, inp):
+    """Lazy initialisation (thread pools, kernels, allocator) before anything is measured.
+    torch.compile specialises on the shape, so it warms up (compiles) at the real shape; the
+    eager providers on a tiny input of the same dtype and device, which costs nothing."""
+    if isinstance(provider, CompileProvider) or inp.device.type == "cuda":
+        run_once(provider, mode, inp)
+    else:
+        run_once(provider, mode, make_inputs(1, 16, inp.D, inp.dtype, inp.device, grid=(4, 4)))
+
+
 # ----------------------------------------------------------------------------- memory
 
 def _proc_status():
@@ -461,15 +471,16 @@ def measure_modes(provider, modes, inp, meter):
     plus for 'forward' the bytes still held afterwards (what the backward will need)."""
     res = {}
     for mode in modes:
-        run_once(provider, mode, inp)  # warm-up: lazy initialisation, compilation
+        warm_up(provider, mode, inp)
         inp.zero_grads()
         target, setup = mode_callables(provider, mode, inp)
         args = setup()[0] if setup and mode == "backward" else ()
         if setup and mode != "backward":
             setup()
         meter.start()
+        t0 = time.perf_counter()
         out = target(*args)
-        rec = {"peak_bytes": int(meter.peak())}
+        rec = {"peak_bytes": int(meter.peak()), "probe_call_s": time.perf_counter() - t0}
         if mode == "forward":
             rec["retained_bytes"] = int(meter.current())
         del out, args
