@@ -71,6 +71,8 @@ def supports_device(device):
 
 
 def _check(q):
+    if q.shape[0] * q.shape[1] > 65535:  # program id axis 1 is (batch, head); CUDA caps grid y at 65535
+        raise ValueError(f"the triton backend takes at most 65535 (batch x heads), got {q.shape[0]} x {q.shape[1]}")
     if q.dtype not in DTYPES:
         raise TypeError(f"the triton backend takes float32, bfloat16 and float16 inputs, got {q.dtype}; "
                         f"{q.dtype} runs on the 'reference' backend (and float64 on 'cpu')")
