@@ -66,7 +66,8 @@ def supports_device(device):
     if device.type == "cpu":
         if _INTERPRET:
             return True, ""
-        return False, "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 set before importing triton)"
+        return False, ("CPU tensors run only under the Triton interpreter "
+                       "(TRITON_INTERPRET=1 set before importing triton)")
     return False, f"the triton backend runs on cuda devices, not {device.type}"
 
 
@@ -133,10 +134,11 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
             (lambda: torch.empty((0,), dtype=torch.float32, device=q.device))
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
         res.append([torch.empty_like(q), lse, stat(), stat(), stat(), stat()])
+    dtype = qs[0].dtype
     for idx in _groups(qs, need_stats):
         need = bool(need_stats[idx[0]])
         D = qs[idx[0]].shape[-1]
-        bm, bn, bd, warps = _blocks(L, D, qs[0].dtype)
+        bm, bn, bd, warps = _blocks(L, D, dtype)
         kbs = [H * L * D if k.shape[0] > 1 else 0 for k in ks]
         per_branch = []
         for j in (idx[0], idx[-1]):
@@ -146,9 +148,9 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
             per_branch += [qs[j], ks[j], vs[j], sigmas[j], out, lse, kl, ent, r1, r2]
         grid = (triton.cdiv(L, bm), B * H, len(idx))
         _tk.fwd_kernel[grid](*per_branch, *_pair(kbs, idx), H, L, D, rows, cols, float(scale), float(eps),
-                             STATS=need, EPS_ZERO=eps == 0, PREC=_precision(qs[0].dtype), UPCAST=_upcast(qs[0].dtype),
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_G=32 if not _INTERPRET else 16,
-                             num_warps=warps, num_stages=_stages(qs[0].dtype))
+                             STATS=need, EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype),
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_G=16 if _INTERPRET else 32,
+                             num_warps=warps, num_stages=_stages(dtype))
     return [t for r in res for t in r]
 
 
@@ -169,20 +171,16 @@ def bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lse
     dks = [torch.empty_like(k) for k in ks]
     dvs = [torch.empty_like(v) for v in vs]
     dss = [torch.empty_like(s) for s in sigmas]
-    bg = 16 if _INTERPRET else 32
-    _tk.logz_kernel[(triton.cdiv(L, 64 if not _INTERPRET else 16), B * H, n)](
-        sigmas[0], sigmas[-1], row, nrow, L, rows, cols, BLOCK_M=64 if not _INTERPRET else 16, BLOCK_G=bg)
-    if n == 2 and qs[0].shape[-1] != qs[1].shape[-1]:
-        groups = [[0], [1]]
-    else:
-        groups = [list(range(n))]
-    for idx in groups:
+    bm_z = 16 if _INTERPRET else 64
+    _tk.logz_kernel[(triton.cdiv(L, bm_z), B * H, n)](sigmas[0], sigmas[-1], row, nrow, L, rows, cols,
+                                                       BLOCK_M=bm_z, BLOCK_G=16 if _INTERPRET else 32)
+    dtype = qs[0].dtype
+    for idx in _groups(qs, [True] * n):
         D = qs[idx[0]].shape[-1]
-        bm, bn, bd, warps = _blocks(L, D, qs[0].dtype)
-        prec = _precision(qs[0].dtype)
-        row_g = row if idx[0] == 0 else row[idx[0]:]
-        common = dict(EPS_ZERO=eps == 0, PREC=prec, UPCAST=_upcast(qs[0].dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
-                      num_stages=_stages(qs[0].dtype))
+        bm, bn, bd, warps = _blocks(L, D, dtype)
+        row_g = row[idx[0]:]  # the launch's branch 0 is slot idx[0] of the row buffer
+        common = dict(EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype), BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_D=bd, num_warps=warps, num_stages=_stages(dtype))
         args = []
         for j in (idx[0], idx[-1]):
             args += [qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dks[j], dvs[j]]
