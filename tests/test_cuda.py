@@ -185,7 +185,7 @@ def test_sim_fused_branches_equal_single_calls(sim_run):
 # ---------------------------------------------------------------------------------------------
 # GPU tests.
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
+@pytest.fixture(scope="module")  # module scope: hypothesis tests may not take function-scoped fixtures
 def cuda_backend():
     ok, why = backend_cuda.status()
     if not ok:
