@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "i2corr_math.h"
@@ -667,6 +668,12 @@ void launch_dkdv(BwdParams<T> P, const int64_t (&bks)[MAX_BRANCH], cudaStream_t 
   constexpr size_t smem = dkdv_smem<DMAX, BM, BN>();
   auto kernel = dkdv_kernel<T, DMAX, BM, BN>;
   for (int i = 0; i < MAX_BRANCH; ++i) P.nbh[i] = bks[i] * P.H;  // one per (bk, h)
+  // A batch-shared branch's blocks loop over the batch: schedule them first, so that the long
+  // blocks do not form the tail. The kernel takes each branch from its slot, so a swap is safe.
+  if (bks[1] == 1 && bks[0] > 1) {
+    std::swap(P.br[0], P.br[1]);
+    std::swap(P.nbh[0], P.nbh[1]);
+  }
   const unsigned blocks = set_first(P, P.L, BN);
   set_smem(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<blocks, NT, smem, stream>>>(P);
