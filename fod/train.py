@@ -414,10 +414,10 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
             loss.backward()
             opt.step()
             w = len(idx) / n
-            sums["loss"] += float(loss) * w
+            sums["loss"] += float(loss.detach()) * w
             for k in parts:
                 sums[k] += parts[k] * w
-            bar.set_postfix(loss=f"{float(loss):.4f}", rec=f"{parts['rec']:.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", rec=f"{parts['rec']:.4f}")
         secs = time.perf_counter() - t0
         train_seconds += secs
         history.append({"epoch": epoch + 1, "seconds": secs, **sums})
