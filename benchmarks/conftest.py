@@ -37,7 +37,7 @@ def pytest_addoption(parser):
     g.addoption("--fod-batches", default="", help="batch sizes for every level (default per device)")
     g.addoption("--fod-dtypes", default="", help="default float32 on CPU, float32,bfloat16 on CUDA")
     g.addoption("--fod-case-seconds", type=float, default=None,
-                help="timing budget per case, rounds = budget / one call (default 2 s CPU, 0.5 s CUDA)")
+                help="timing budget per case, rounds = budget / one call (default 1 s CPU, 0.5 s CUDA)")
     g.addoption("--fod-min-rounds", type=int, default=3)
     g.addoption("--fod-max-rounds", type=int, default=None, help="default 15 CPU, 100 CUDA")
     g.addoption("--fod-no-mem", action="store_true", help="skip the peak-memory measurements")
@@ -48,7 +48,8 @@ def pytest_addoption(parser):
     g.addoption("--fod-oom", action="store_true", help="also search the out-of-memory boundary at batch 8")
     g.addoption("--fod-oom-cap-gb", type=float, default=16.0, help="CPU memory cap of the OOM search (GiB)")
     g.addoption("--fod-oom-trial-seconds", type=int, default=240, help="time limit of one OOM trial")
-    g.addoption("--fod-model", action="store_true", default=True, help="full-model benchmark (default on)")
+    g.addoption("--fod-model", action="store_true", default=None,
+                help="full-model benchmark (default: on with CUDA, off on CPU where it takes ~6 min)")
     g.addoption("--fod-no-model", action="store_false", dest="fod_model")
     g.addoption("--fod-model-batch", type=int, default=0, help="batch of the full-model benchmark (1 CPU, 8 CUDA)")
 
@@ -160,7 +161,7 @@ class Session:
 
     def timing(self, device):
         cuda = device == "cuda"
-        budget = self.config.getoption("--fod-case-seconds") or (0.5 if cuda else 2.0)
+        budget = self.config.getoption("--fod-case-seconds") or (0.5 if cuda else 1.0)
         max_rounds = self.config.getoption("--fod-max-rounds") or (100 if cuda else 15)
         return budget, self.config.getoption("--fod-min-rounds"), max_rounds
 
