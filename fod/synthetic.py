@@ -39,9 +39,9 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
     u = xx * math.cos(theta) + yy * math.sin(theta) + rng.uniform(0, period)
     v = -xx * math.sin(theta) + yy * math.cos(theta) + rng.uniform(0, period)
     weave = np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * v / period)
-    g = 0.55 + 0.18 * weave + 0.06 * _smooth_noise(rng, size, 4) + 0.03 * rng.standard_normal((size, size))
+    g = 0.55 + 0.18 * weave + 0.03 * _smooth_noise(rng, size, 4) + 0.03 * rng.standard_normal((size, size))
     tint = np.array([0.95, 0.82, 0.62], np.float32)  # a beige fabric
-    img = g[..., None] * tint + 0.05 * _smooth_noise(rng, size, 3)[..., None]
+    img = g[..., None] * tint + 0.02 * _smooth_noise(rng, size, 3)[..., None]
     return np.clip(img, 0, 1).astype(np.float32)
 
 
@@ -72,7 +72,7 @@ def add_defect(rng: np.random.Generator, img: np.ndarray, kind: str):
         normal = np.array([d[1], -d[0]]) / (np.linalg.norm(d) + 1e-9)
         pts = [c - d, c + normal * bend, c + d]
         dist = _polyline_distance(yy, xx, pts)
-        width = rng.uniform(1.0, 1.8) * s
+        width = rng.uniform(1.5, 2.5) * s
         alpha = np.clip(width + 0.5 - dist, 0, 1)[..., None]
         colour = 0.97 if rng.random() < 0.5 else 0.12
         out = out * (1 - alpha) + colour * alpha
@@ -84,8 +84,8 @@ def add_defect(rng: np.random.Generator, img: np.ndarray, kind: str):
         u = (dy * math.cos(ang) + dx * math.sin(ang)) / ry
         v = (-dy * math.sin(ang) + dx * math.cos(ang)) / rx
         r = np.sqrt(u * u + v * v) + 0.15 * _smooth_noise(rng, size, 8)
-        alpha = np.clip((1.15 - r) / 0.3, 0, 1)[..., None] * 0.85
-        colour = np.array(rng.choice([[0.45, 0.2, 0.1], [0.2, 0.3, 0.5], [0.35, 0.35, 0.1]]), np.float32)
+        alpha = np.clip((1.15 - r) / 0.3, 0, 1)[..., None] * 0.9
+        colour = np.array(rng.choice([[0.35, 0.12, 0.05], [0.1, 0.2, 0.45], [0.25, 0.25, 0.05]]), np.float32)
         out = out * (1 - alpha) + colour * alpha
         mask = r <= 1.0
     elif kind == "cut":
