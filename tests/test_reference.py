@@ -7,7 +7,6 @@ import torch
 from fod_kernels.reference import correlation_reference, prior_log_weights
 from helpers import make_branch, upstream
 
-torch.set_default_dtype(torch.float64)
 
 
 def explicit(q, k, v, sigma, grid, eps):
