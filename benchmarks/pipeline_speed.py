@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--train-images", type=int, default=16)
     ap.add_argument("--test-good", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch size "
+                    "(the reference backend materialises B*H*L*L matrices: wrn50 at batch 8 needs > 16 GB)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     if args.threads:
@@ -47,14 +49,16 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):
-            c = dict(CONFIGS[name])
+            c = dict(CONFIGS[name], epochs=1)
+            if args.batch_size:
+                c["batch_size"] = args.batch_size
             data = make_dataset(Path(tmp) / f"data_{name}", size=c["image_size"], n_train=args.train_images,
                                 n_test_good=args.test_good, n_test_defect=2)
             for backend in args.backends.split(","):
-                cfg = Config(data=str(data), epochs=1, device=args.device, backend=backend, heatmaps=0, **c)
+                cfg = Config(data=str(data), device=args.device, backend=backend, heatmaps=0, **c)
                 t0 = time.perf_counter()
                 m = train(cfg, Path(tmp) / f"run_{name}_{backend}", log=lambda s: None)
-                row = {"config": name, "backend": m["backend"], "device": args.device,
+                row = {"config": name, "backend": m["backend"], "device": args.device, "batch": c["batch_size"],
                        "threads": torch.get_num_threads(), "train_images": args.train_images,
                        "train_s_per_epoch": round(m["train_seconds_per_epoch"], 2),
                        "train_images_per_s": round(args.train_images / m["train_seconds_per_epoch"], 2),
