@@ -101,3 +101,13 @@ def test_help_is_there():
     for cmd in ("train", "test", "predict", "demo"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
+
+
+def test_uncached_features_give_the_same_training(data, tmp_path):
+    a, b = tmp_path / "cached", tmp_path / "uncached"
+    assert _train(data, a, "--epochs", "1", "--heatmaps", "0") == 0
+    assert _train(data, b, "--epochs", "1", "--heatmaps", "0", "--no-cache-features") == 0
+    ha = json.loads((a / "metrics.json").read_text())["history"]
+    hb = json.loads((b / "metrics.json").read_text())["history"]
+    assert ha[0]["loss"] == pytest.approx(hb[0]["loss"], rel=1e-5)
+    assert not list((b / "heatmaps").glob("*.png"))
