@@ -92,7 +92,8 @@ def versions(backend: str) -> dict:
     import fod_kernels
     import scipy
     import timm
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+    from . import __version__
+    return {"fod": __version__, "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__, "fod_kernels": fod_kernels.__version__,
             "backend": backend, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
 
