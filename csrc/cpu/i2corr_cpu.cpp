@@ -8,7 +8,9 @@
 // those keys (all batches when the memory is batch-shared), recomputing p and
 // t from the saved lse, and accumulates dk, dv in a fixed order
 // (deterministic, no atomics) while it writes dq and dsigma of its rows.
-// The per-element maths is csrc/i2corr_math.h, shared with the CUDA kernels.
+// Matrix products use the register-blocked micro-kernels of cpu/gemm.h on
+// head-dim-padded copies; the per-element maths is csrc/i2corr_math.h, shared
+// with the CUDA kernels.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,6 +18,7 @@
 #include <atomic>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "i2corr_math.h"
 
 namespace {
@@ -34,11 +37,25 @@ void run_tasks(int64_t n, const F& f) {
   });
 }
 
+// One branch's inputs. qp, kp, vp, gp: head dim zero-padded to Dp; kT, vT: (Dp, Lp)
+// transposes of k, v, zero-padded. Lp, Dp are multiples of i2cpu::NJ.
 template <typename T>
 struct Branch {
-  const T *q, *k, *v, *sigma;
-  int64_t B, Bk, H, L, D;
+  const T *qp, *kp, *vp, *kT, *vT, *gp, *sigma;
+  int64_t B, Bk, H, L, D, Lp, Dp;
 };
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// (.., L, D) -> (.., L, Dp) zero-padded, contiguous.
+at::Tensor pad_d(const at::Tensor& t, int64_t Dp) {
+  return (t.size(-1) == Dp ? t : at::constant_pad_nd(t, {0, Dp - t.size(-1)})).contiguous();
+}
+
+// (.., L, D) -> (.., Dp, Lp): transposed, zero-padded, contiguous.
+at::Tensor pad_t(const at::Tensor& t, int64_t Lp, int64_t Dp) {
+  return at::constant_pad_nd(t.transpose(-1, -2), {0, Lp - t.size(-2), 0, Dp - t.size(-1)}).contiguous();
+}
 
 // Per-row prior tables: t_ij = ty[row_j] * tx[col_j], log t_ij = lty[row_j] + ltx[col_j].
 template <typename T>
@@ -69,28 +86,6 @@ struct PriorRow {
   }
 };
 
-// Row-major C (M x N) = alpha * op(A) op(B) + beta * C, beta in {0, 1}, through
-// ATen's matmul on non-owning views (MKL/OpenBLAS where torch has them). It runs
-// inside our own parallel tasks, where ATen keeps it single-threaded.
-template <typename T>
-void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb,
-        T beta, T* C, int64_t ldc) {
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto view = [&](const T* p, bool t, int64_t r, int64_t c, int64_t ld) {
-    auto m = at::from_blob(const_cast<T*>(p), {t ? c : r, t ? r : c}, {ld, 1}, opt);
-    return t ? m.t() : m;
-  };
-  auto a = view(A, ta, M, K, lda), b = view(B, tb, K, N, ldb);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
-  at::addmm_out(c, c, a, b, beta, alpha);  // beta = 0 ignores C's old contents
-}
-
-// S[ii, j] = scale * <a_{i0+ii}, b_j> for ii < nb: a block of rows of A (., D) against all rows of B (L, D).
-template <typename T>
-void scores(const T* A, const T* Bm, int64_t i0, int64_t nb, int64_t L, int64_t D, T scale, T* S) {
-  mm<T>(false, true, nb, L, D, scale, A + i0 * D, D, Bm, D, T(0), S, L);
-}
-
 template <typename T, bool HasEps>
 void row_stats(const T* srow, const T* prow, T lse, const PriorRow<T>& pr, int rows, int cols, T eps, T* kl,
                T* ent, T* r1, T* r2) {
@@ -118,21 +113,21 @@ void row_stats(const T* srow, const T* prow, T lse, const PriorRow<T>& pr, int r
 template <typename T>
 void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool stats, int64_t b, int64_t h,
                   int64_t i0, T* out, T* lse, T* kl, T* ent, T* r1, T* r2) {
-  const int64_t L = br.L, D = br.D, H = br.H;
+  const int64_t L = br.L, D = br.D, H = br.H, Lp = br.Lp, Dp = br.Dp;
   const int64_t nb = std::min(BM, L - i0);
   const int64_t kb = br.Bk == 1 ? 0 : b;
-  const T* Q = br.q + (b * H + h) * L * D;
-  const T* K = br.k + (kb * H + h) * L * D;
-  const T* V = br.v + (kb * H + h) * L * D;
+  const T* Q = br.qp + (b * H + h) * L * Dp;
+  const T* KT = br.kT + (kb * H + h) * Dp * Lp;
+  const T* V = br.vp + (kb * H + h) * L * Dp;
   const T* SG = br.sigma + (b * H + h) * L * 2;
   const int64_t row0 = (b * H + h) * L;
-  std::vector<T> S(nb * L), P(nb * L);
+  std::vector<T> S(nb * Lp), P(nb * Lp), O(nb * Dp);
   PriorRow<T> pr(rows, cols);
-  scores<T>(Q, K, i0, nb, L, D, scale, S.data());
+  i2cpu::gemm_abt<T>(nb, Lp, Dp, scale, Q + i0 * Dp, KT, S.data());  // S = scale Q K^T
   for (int64_t ii = 0; ii < nb; ++ii) {
     const int64_t i = i0 + ii, x = row0 + i;
-    const T* srow = S.data() + ii * L;
-    T* prow = P.data() + ii * L;
+    const T* srow = S.data() + ii * Lp;
+    T* prow = P.data() + ii * Lp;
     T m = srow[0];
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < L; ++j) m = std::max(m, srow[j]);
@@ -154,7 +149,8 @@ void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool 
         row_stats<T, false>(srow, prow, lse_i, pr, rows, cols, eps, kl + x, ent + x, r1 + x, r2 + x);
     }
   }
-  mm<T>(false, false, nb, D, L, T(1), P.data(), L, V, D, T(0), out + (row0 + i0) * D, D);  // out = P V
+  i2cpu::gemm_ab<T>(nb, L, Lp, Dp, P.data(), V, O.data());  // out = P V
+  for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(O.data() + ii * Dp, D, out + (row0 + i0 + ii) * D);
 }
 
 // One query row of the backward: ds (scaled) into dsrow, p into prow, the
@@ -188,33 +184,33 @@ void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T a, T e, const
 }
 
 template <typename T>
-void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int64_t kb, int64_t h, const T* gout,
-                   const T* A, const T* Bp, const T* E, const T* DF, const T* lse, T* dq, T* dk, T* dv, T* dsig) {
-  const int64_t L = br.L, D = br.D, H = br.H;
-  const T* K = br.k + (kb * H + h) * L * D;
-  const T* V = br.v + (kb * H + h) * L * D;
-  T* DK = dk + (kb * H + h) * L * D;
-  T* DV = dv + (kb * H + h) * L * D;
-  std::fill(DK, DK + L * D, T(0));
-  std::fill(DV, DV + L * D, T(0));
-  std::vector<T> S(BM * L), GV(BM * L), P(BM * L), DS(BM * L);
+void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int64_t kb, int64_t h, const T* A,
+                   const T* Bp, const T* E, const T* DF, const T* lse, T* dq, T* dk, T* dv, T* dsig) {
+  const int64_t L = br.L, D = br.D, H = br.H, Lp = br.Lp, Dp = br.Dp;
+  const T* KT = br.kT + (kb * H + h) * Dp * Lp;
+  const T* VT = br.vT + (kb * H + h) * Dp * Lp;
+  const T* K = br.kp + (kb * H + h) * L * Dp;
+  // S, GV: scores; P, DS: probabilities and score gradients, zero beyond column L.
+  std::vector<T> S(BM * Lp), GV(BM * Lp), P(BM * Lp, T(0)), DS(BM * Lp, T(0)), DQ(BM * Dp);
+  std::vector<T> DK(Lp * Dp, T(0)), DV(Lp * Dp, T(0));
   PriorRow<T> pr(rows, cols);
   const int64_t b0 = br.Bk == 1 ? 0 : kb, b1 = br.Bk == 1 ? br.B : kb + 1;
   for (int64_t b = b0; b < b1; ++b) {  // fixed order: deterministic batch reduction of dk, dv
     const int64_t row0 = (b * H + h) * L;
-    const T* Q = br.q + row0 * D;
-    const T* G = gout + row0 * D;
+    const T* Q = br.qp + row0 * Dp;
+    const T* G = br.gp + row0 * Dp;
     const T* SG = br.sigma + row0 * 2;
     for (int64_t i0 = 0; i0 < L; i0 += BM) {
       const int64_t nb = std::min(BM, L - i0);
-      scores<T>(Q, K, i0, nb, L, D, scale, S.data());
-      scores<T>(G, V, i0, nb, L, D, T(1), GV.data());
+      i2cpu::gemm_abt<T>(nb, Lp, Dp, scale, Q + i0 * Dp, KT, S.data());  // S = scale Q K^T
+      i2cpu::gemm_abt<T>(nb, Lp, Dp, T(1), G + i0 * Dp, VT, GV.data());  // GV = G V^T
       for (int64_t ii = 0; ii < nb; ++ii) {
         const int64_t i = i0 + ii, x = row0 + i;
         const T sy = SG[2 * i], sx = SG[2 * i + 1];
         pr.set(i, sy, sx, rows, cols);
         T W, Sy, Sx;
-        T *srow = S.data() + ii * L, *gvrow = GV.data() + ii * L, *prow = P.data() + ii * L, *dsrow = DS.data() + ii * L;
+        T *srow = S.data() + ii * Lp, *gvrow = GV.data() + ii * Lp, *prow = P.data() + ii * Lp,
+          *dsrow = DS.data() + ii * Lp;
         if (eps > T(0))
           row_backward<T, true>(srow, gvrow, lse[x], DF[x], A[x], E[x], pr, rows, cols, eps, scale, prow, dsrow, &W,
                                 &Sy, &Sx);
@@ -224,10 +220,17 @@ void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int6
         dsig[2 * x] = i2c::dsigma_axis<T>(Bp[x], Sy, W, pr.sum_t_dy2, sy);
         dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sx);
       }
-      mm<T>(false, false, nb, D, L, T(1), DS.data(), L, K, D, T(0), dq + (row0 + i0) * D, D);  // dq = dS K
-      mm<T>(true, false, L, D, nb, T(1), DS.data(), L, Q + i0 * D, D, T(1), DK, D);           // dk += dS^T Q
-      mm<T>(true, false, L, D, nb, T(1), P.data(), L, G + i0 * D, D, T(1), DV, D);            // dv += P^T G
+      i2cpu::gemm_ab<T>(nb, L, Lp, Dp, DS.data(), K, DQ.data());               // dq = dS K
+      for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(DQ.data() + ii * Dp, D, dq + (row0 + i0 + ii) * D);
+      i2cpu::gemm_atb_acc<T>(nb, Lp, Dp, DS.data(), Q + i0 * Dp, DK.data());  // dk += dS^T Q
+      i2cpu::gemm_atb_acc<T>(nb, Lp, Dp, P.data(), G + i0 * Dp, DV.data());   // dv += P^T G
     }
+  }
+  T* dkh = dk + (kb * H + h) * L * D;
+  T* dvh = dv + (kb * H + h) * L * D;
+  for (int64_t j = 0; j < L; ++j) {
+    std::copy_n(DK.data() + j * Dp, D, dkh + j * D);
+    std::copy_n(DV.data() + j * Dp, D, dvh + j * D);
   }
 }
 
@@ -252,10 +255,31 @@ void check_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               ") does not match L = ", L);
 }
 
+struct Padded {
+  at::Tensor qp, kp, vp, kT, vT, gp;
+  int64_t Lp, Dp;
+};
+
+Padded pad_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* g) {
+  Padded p;
+  p.Lp = round_up(q.size(2), i2cpu::NJ);
+  p.Dp = round_up(q.size(3), i2cpu::NJ);
+  p.qp = pad_d(q, p.Dp);
+  p.kT = pad_t(k, p.Lp, p.Dp);
+  p.vp = pad_d(v, p.Dp);
+  if (g) {
+    p.kp = pad_d(k, p.Dp);
+    p.vT = pad_t(v, p.Lp, p.Dp);
+    p.gp = pad_d(*g, p.Dp);
+  }
+  return p;
+}
+
 template <typename T>
-Branch<T> make_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s) {
-  return Branch<T>{q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), s.data_ptr<T>(),
-                   q.size(0),       k.size(0),       q.size(1),       q.size(2), q.size(3)};
+Branch<T> make_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s, const Padded& p) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  return Branch<T>{ptr(p.qp),  ptr(p.kp),  ptr(p.vp),  ptr(p.kT),  ptr(p.vT), ptr(p.gp), s.data_ptr<T>(),
+                   q.size(0),  k.size(0),  q.size(1),  q.size(2),  q.size(3), p.Lp,      p.Dp};
 }
 
 std::vector<at::Tensor> forward(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
@@ -266,9 +290,11 @@ std::vector<at::Tensor> forward(const std::vector<at::Tensor>& qs, const std::ve
   TORCH_CHECK(n > 0 && ks.size() == n && vs.size() == n && sigmas.size() == n && need_stats.size() == n,
               "fod_kernels cpu backend: branch lists differ in length");
   std::vector<at::Tensor> res;
+  std::vector<Padded> pads;
   for (size_t i = 0; i < n; ++i) {
     check_branch(qs[i], ks[i], vs[i], sigmas[i], rows, cols);
     TORCH_CHECK(qs[i].scalar_type() == qs[0].scalar_type(), "fod_kernels cpu backend: branches differ in dtype");
+    pads.push_back(pad_branch(qs[i], ks[i], vs[i], nullptr));
     const auto& q = qs[i];
     auto sopt = q.options();
     auto stat = [&]() { return need_stats[i] ? at::empty({q.size(0), q.size(1), q.size(2)}, sopt) : at::empty({0}, sopt); };
@@ -280,7 +306,7 @@ std::vector<at::Tensor> forward(const std::vector<at::Tensor>& qs, const std::ve
     std::vector<Branch<scalar_t>> brs;
     std::vector<int64_t> first(n + 1, 0);
     for (size_t i = 0; i < n; ++i) {
-      brs.push_back(make_branch<scalar_t>(qs[i], ks[i], vs[i], sigmas[i]));
+      brs.push_back(make_branch<scalar_t>(qs[i], ks[i], sigmas[i], pads[i]));
       const int64_t nblk = (brs[i].L + BM - 1) / BM;
       first[i + 1] = first[i] + brs[i].B * brs[i].H * nblk;
     }
@@ -310,8 +336,10 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const st
                   dfulls.size() == n && ks.size() == n && vs.size() == n && sigmas.size() == n && lses.size() == n,
               "fod_kernels cpu backend: branch lists differ in length");
   std::vector<at::Tensor> res, gs, as, bs, es, dfs, ls;
+  std::vector<Padded> pads;
   for (size_t i = 0; i < n; ++i) {
     check_branch(qs[i], ks[i], vs[i], sigmas[i], rows, cols);
+    TORCH_CHECK(qs[i].scalar_type() == qs[0].scalar_type(), "fod_kernels cpu backend: branches differ in dtype");
     const auto& q = qs[i];
     auto row_stat = [&](const at::Tensor& t, const char* name) {
       TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
@@ -320,6 +348,7 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const st
     };
     TORCH_CHECK(g_outs[i].sizes() == q.sizes(), "fod_kernels cpu backend: grad_out must match q");
     gs.push_back(g_outs[i].to(q.scalar_type()).contiguous());
+    pads.push_back(pad_branch(q, ks[i], vs[i], &gs.back()));
     as.push_back(row_stat(g_kla[i], "grad kl_attn"));
     bs.push_back(row_stat(g_klp[i], "grad kl_prior"));
     es.push_back(row_stat(g_ents[i], "grad entropy"));
@@ -335,7 +364,7 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const st
     std::vector<std::pair<int64_t, int64_t>> order;  // (cost, task) sorted, costliest first
     std::vector<int64_t> first(n + 1, 0);
     for (size_t i = 0; i < n; ++i) {
-      brs.push_back(make_branch<scalar_t>(qs[i], ks[i], vs[i], sigmas[i]));
+      brs.push_back(make_branch<scalar_t>(qs[i], ks[i], sigmas[i], pads[i]));
       first[i + 1] = first[i] + brs[i].Bk * brs[i].H;
       const int64_t per = (brs[i].Bk == 1 ? brs[i].B : 1) * brs[i].L;
       for (int64_t t = first[i]; t < first[i + 1]; ++t) order.emplace_back(-per, t);
@@ -349,7 +378,7 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const st
       const int64_t t = task - first[i];
       auto P = [&](const at::Tensor& x) { return x.data_ptr<scalar_t>(); };
       backward_task<scalar_t>(br, int(rows), int(cols), scalar_t(scale), scalar_t(eps), t / br.H, t % br.H,
-                              P(gs[i]), P(as[i]), P(bs[i]), P(es[i]), P(dfs[i]), P(ls[i]), P(res[4 * i]),
+                              P(as[i]), P(bs[i]), P(es[i]), P(dfs[i]), P(ls[i]), P(res[4 * i]),
                               P(res[4 * i + 1]), P(res[4 * i + 2]), P(res[4 * i + 3]));
     });
   });
