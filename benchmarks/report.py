@@ -71,6 +71,10 @@ def machine_section(machines):
                    f"{fod.get('threads', '?')}; GPU: {fod.get('gpu', 'none')}")
         out.append(f"- python {mi.get('python_version', '?')}, torch {fod.get('torch', '?')} "
                    f"(CUDA {fod.get('torch_cuda')}), triton {fod.get('triton', '?')}")
+        if fod.get("load_average_at_end"):
+            out.append(f"- load average (1, 5, 15 min) when the run ended: "
+                       f"{', '.join(f'{x:.1f}' for x in fod['load_average_at_end'])} (a shared machine: "
+                       "read times with their IQR)")
         for name, (ok, why) in (fod.get("backends") or {}).items():
             out.append(f"- backend `{name}`: {'available' if ok else 'unavailable'} ({why})")
     return out + [""]
@@ -206,6 +210,7 @@ def main(argv=None):
     ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--name", default="report")
+    ap.add_argument("--command", default="", help="the command that produced the JSON, quoted in the report")
     args = ap.parse_args(argv)
     rows, machines = load(args.json)
     out_dir = Path(args.out)
@@ -217,6 +222,8 @@ def main(argv=None):
           "branches, statistics not counted. Peak memory: growth above the inputs (and, for the backward, above the "
           "saved forward state) during one call; CPU from the resident set of a fresh subprocess, CUDA from the "
           "caching allocator. Providers that could not run are listed under Machine with the reason.", ""]
+    if args.command:
+        md += ["Produced by:", "", "```", args.command, "```", ""]
     md += machine_section(machines)
     md += fused_vs_reference(rows)
     md += operator_tables(rows, "operator")
