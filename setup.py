@@ -29,7 +29,7 @@ def extensions():
 
     inc = [str(ROOT / "csrc")]
     exts = [ce.CppExtension("fod_kernels._C", ["csrc/cpu/i2corr_cpu.cpp"], include_dirs=inc,
-                            extra_compile_args={"cxx": flags.cpu_flags()})]
+                            extra_compile_args={"cxx": flags.cpu_flags()}, extra_link_args=flags.cpu_link_flags())]
     want = os.environ.get("FOD_BUILD_CUDA", "auto").lower()
     if want not in ("auto", "0", "1"):
         raise SystemExit(f"FOD_BUILD_CUDA must be auto, 0 or 1, got {want!r}")

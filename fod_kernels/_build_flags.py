@@ -18,13 +18,18 @@ def _cpu_has(*flags: str) -> bool:
 def cpu_flags() -> list[str]:
     """-O3, OpenMP SIMD pragmas (vectorised reductions without -ffast-math), and AVX2/FMA
     when the build machine has them (FOD_CPU_ARCH overrides, e.g. "" or "-march=x86-64-v3")."""
-    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]  # no -std: torch picks its own (C++20 from 2.13)
+    # -fopenmp: at::parallel_for is header code; without it an extension runs it on one thread.
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]  # no -std: torch picks its own (C++20 from 2.13)
     arch = os.environ.get("FOD_CPU_ARCH")
     if arch is not None:
         flags += arch.split()
     elif platform.machine() in ("x86_64", "AMD64") and _cpu_has("avx2", "fma"):
         flags += ["-mavx2", "-mfma"]
     return flags
+
+
+def cpu_link_flags() -> list[str]:
+    return ["-fopenmp"]  # resolves to the libgomp that torch itself loads (same soname)
 
 
 def cuda_arch_flags() -> list[str]:
