@@ -37,6 +37,14 @@ def load(name: str):
     return _cache[name]
 
 
+def require(name: str):
+    """The loaded extension, or a RuntimeError with the reason it is missing."""
+    mod, why = load(name)
+    if mod is None:
+        raise RuntimeError(why)
+    return mod
+
+
 def jit_build(name: str, verbose: bool = False):
     """Compile an extension with torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR)."""
     from torch.utils.cpp_extension import load as _load

@@ -25,10 +25,7 @@ def supports_device(device: torch.device):
 
 
 def _ext_mod():
-    mod, why = _ext.load("_C")
-    if mod is None:
-        raise RuntimeError(why)
-    return mod
+    return _ext.require("_C")
 
 
 def _compute_dtype(dtype):

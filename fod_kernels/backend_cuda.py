@@ -28,10 +28,7 @@ def supports_device(device: torch.device):
 
 
 def _ext_mod():
-    mod, why = _ext.load("_C_cuda")
-    if mod is None:
-        raise RuntimeError(why)
-    return mod
+    return _ext.require("_C_cuda")
 
 
 def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
