@@ -23,12 +23,15 @@ class I2Correlation(nn.Module):
     with h (B, L, d_model) and per-branch :class:`~fod_kernels.CorrelationStats`
     of shape (B, H, L).
 
+    ``check_values=False`` skips the NaN/inf/sigma scans of the inputs (each costs a device
+    sync on GPU); shapes, dtypes and devices are always checked.
+
     ``out_proj=False`` reproduces the public FOD code, which computes each
     branch's output projection and then discards it (spec section 6).
     """
 
     def __init__(self, d_model: int, n_heads: int, grid, *, d_head: int | None = None, eps: float = 1e-4,
-                 backend: str = "auto", out_proj: bool = True, bias: bool = True):
+                 backend: str = "auto", out_proj: bool = True, bias: bool = True, check_values: bool = True):
         super().__init__()
         if d_model <= 0 or n_heads <= 0:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model}, {n_heads}")
@@ -39,6 +42,7 @@ class I2Correlation(nn.Module):
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_head
         self.grid = (int(grid[0]), int(grid[1]))
         self.eps, self.backend, self.use_out_proj = eps, backend, out_proj
+        self.check_values = check_values  # NaN/inf and sigma > 0 scans: one device sync per tensor
         inner = n_heads * d_head
         self.intra_q = nn.Linear(d_model, inner, bias=bias)
         self.intra_k = nn.Linear(d_model, inner, bias=bias)
@@ -79,7 +83,7 @@ class I2Correlation(nn.Module):
             self._sigma(self.intra_sigma, x),
             self._heads(self.inter_q(x)), self._heads(self.inter_k(ref)), self._heads(self.inter_v(ref)),
             self._sigma(self.inter_sigma, x),
-            self.grid, eps=self.eps, backend=self.backend, need_stats=need_stats)
+            self.grid, eps=self.eps, backend=self.backend, need_stats=need_stats, check_values=self.check_values)
         oi, oe = self._merge(oi), self._merge(oe)
         if self.use_out_proj:
             oi, oe = self.intra_out(oi), self.inter_out(oe)

@@ -175,3 +175,14 @@ def test_single_backward_equals_official_two_backward(backend):
                 grads[n] += p.grad
     for n in ours:
         torch.testing.assert_close(ours[n], grads[n], msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_module_check_values_switch():
+    m = fk.I2Correlation(16, 2, (3, 4), backend=KERNEL)
+    x, ref = torch.randn(2, 12, 16), torch.randn(1, 12, 16)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m(x, ref)
+    m.check_values = False
+    h, _, _ = m(x, ref)  # no scan: the NaN propagates instead of raising
+    assert torch.isnan(h).any()
