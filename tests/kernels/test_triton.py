@@ -230,7 +230,7 @@ def test_kernels_compile_for_sm90():
     """Lower the kernels to sm_90 machine code with the real compiler (no GPU needed); the interpreter
     accepts Python that the compiler rejects (globals, type-mismatched branches), this does not."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", _AOT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

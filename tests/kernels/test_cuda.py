@@ -72,7 +72,7 @@ def test_kernel_functions_raise_the_reason_when_unbuilt():
 # kernel code (tiling, masks, padding, shared-memory batch loop, fused branches) without a GPU;
 # only the launch syntax and the device headers are rewritten.
 # ---------------------------------------------------------------------------------------------
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 
 def _sim_source() -> str:
