@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from fod.cli import DEMO_DEFAULTS
+from fod.config import DEMO_DEFAULTS, Config
 from fod.synthetic import make_dataset
-from fod.train import Config, train
+from fod.train import train
 
 CONFIGS = {
     "demo": dict(DEMO_DEFAULTS),

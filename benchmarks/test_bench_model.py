@@ -1,4 +1,4 @@
-"""The full FOD model (fod.train.FOD: wide_resnet50_2 levels layer2 + layer3, 3 layers per level):
+"""The full FOD model (fod.model.FOD: wide_resnet50_2 levels layer2 + layer3, 3 layers per level):
 one training step (both levels' losses, one backward, one Adam step) and one scoring pass
 (anomaly maps), each with the backbone excluded (cached features, as training with
 cache_features) and included (images in), per fod_kernels backend.
@@ -48,12 +48,14 @@ def _build(device, batch):
     key = (device, batch)
     if key not in _MODELS:
         _MODELS.clear()
-        from fod.train import FOD, Config, build_backbone, feature_grids
+        from fod.backbone import build_backbone
+        from fod.config import Config
+        from fod.model import FOD
         cfg = Config(pretrained=False, device=device, batch_size=batch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             backbone = build_backbone(cfg)
-        grids = feature_grids(backbone, cfg.image_size)
+        grids = backbone.grids(cfg.image_size)
         gen = torch.Generator().manual_seed(0)
         mems = [torch.randn(g[0] * g[1], c, generator=gen) for g, c in zip(grids, backbone.channels)]
         fod = FOD(cfg, backbone, grids, mems).to(device)
@@ -92,7 +94,6 @@ def _score(fod, feats, size):
 def test_model(benchmark, fod_session, model_case):
     try:
         import fod.model  # noqa: F401
-        import fod.train  # noqa: F401
     except Exception as exc:
         pytest.skip(f"the fod package is not importable yet: {type(exc).__name__}: {exc}")
     name, device, what = model_case["provider"], model_case["device"], model_case["what"]

@@ -1,7 +1,10 @@
 """FOD ("Focus the Discrepancy", ICCV 2023): the train / evaluate / predict pipeline on fod_kernels.I2Correlation.
 
-Modules: data (MVTec AD, BTAD, MVTec 3D-AD layouts), synthetic (the embedded demo data),
-backbone (frozen timm features), model (one reconstruction transformer per level, the loss,
-the scores), train (training, evaluation, prediction, checkpoints), metrics, viz, cli.
+Modules: config (every parameter, its default and help; TOML run files), data (MVTec AD, BTAD,
+MVTec 3D-AD layouts), synthetic (the embedded demo data), backbone (frozen timm features), model
+(one reconstruction transformer per level, the loss, the scores, the FOD bundle, the reference
+memory), checkpoint (format, save, load), train (the training loop), evaluate (test-set metrics,
+predictions), metrics (AUROC, AUPRO), report (metrics.json, heat maps, summary page), viz, files
+(atomic writes, output folders), cli.
 """
 __version__ = "0.1.0"

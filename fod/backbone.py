@@ -106,3 +106,14 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.pool(f) for f in self.net(images)]
+
+    @torch.no_grad()
+    def grids(self, image_size: int) -> list[tuple]:
+        """The (rows, cols) token grid of each level for square inputs of ``image_size``."""
+        dev = next(self.parameters()).device
+        return [tuple(f.shape[-2:]) for f in self(torch.zeros(1, 3, image_size, image_size, device=dev))]
+
+
+def build_backbone(cfg) -> Backbone:
+    """The backbone a Config asks for."""
+    return Backbone(cfg.backbone, cfg.levels, pretrained=cfg.pretrained, weights=cfg.weights)

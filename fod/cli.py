@@ -1,12 +1,19 @@
-"""Command line: ``fod train | test | predict | demo`` (also ``python -m fod``)."""
+"""Command line: ``fod train | test | predict | demo`` (also ``python -m fod``).
+
+The options of the model and of the run are generated from ``fod.config.Config``'s fields (type,
+default and help in one place). Their argparse default is None, so that what the user typed can be
+told from what was left out: an option given on the command line beats the ``--config`` file, which
+beats the defaults (``Config``'s, and for ``fod demo`` the demo's).
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from . import config as CF
 
 DESCRIPTION = """\
 FOD ("Focus the Discrepancy", ICCV 2023): unsupervised anomaly detection and
@@ -19,93 +26,99 @@ Start here:   fod demo                  (synthetic data, CPU, a few minutes, no 
 Your data:    fod train --data mvtec/bottle --output runs/bottle
 Re-evaluate:  fod test --data mvtec/bottle --checkpoint runs/bottle/checkpoint.pt --output runs/bottle-test
 New images:   fod predict --checkpoint runs/bottle/checkpoint.pt img1.png img2.png --output preds
+Reproduce:    fod train --config runs/bottle/config.toml --output runs/bottle-again
 """
 
-# The demo runs on CPU in about two minutes with a randomly initialised resnet18. Only layer2 (stride 8,
-# 16x16 tokens at 128 px) is used: a random network's shallow features are local colour/edge filters that
-# still separate these textures, while deeper random features mostly mix noise; a 32x32 level would
-# quadruple the token count and the cost. lr 5e-4 for 10 epochs: the paper's 1e-4 needs far more epochs,
-# and beyond ~10 epochs at 5e-4 the intra-KL maximisation starts to dominate the loss.
-DEMO_DEFAULTS = dict(backbone="resnet18", levels=["layer2"], pretrained=False, image_size=128,
-                     epochs=10, batch_size=8, lr=5e-4, d_model=[64], n_heads=4, n_layers=2)
+DEMO_DEFAULTS = CF.DEMO_DEFAULTS  # public name, kept
 
 
-def _int_list(s):
-    return [int(x) for x in s.split(",")]
+def _flag(name: str) -> str:
+    return CF.FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
 
 
-def _str_list(s):
-    return [x for x in s.split(",") if x]
+def _dest(name: str) -> str:
+    return "cfg_" + name
 
 
-def _add_model_args(p, demo=False):
-    g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default=None if demo else "wide_resnet50_2",
-                   help="timm model name, e.g. wide_resnet50_2 (default), resnet18, efficientnet_b6"
-                   + (" (demo: resnet18)" if demo else ""))
-    g.add_argument("--levels", type=_str_list, default=None,
-                   help="comma-separated feature levels (timm module names), default: the stride-8 and stride-16 "
-                        "levels (layer2,layer3 for ResNets)")
-    w = g.add_mutually_exclusive_group()
-    w.add_argument("--weights", default=None, metavar="FILE",
-                   help="backbone weights from a local file (timm or torchvision state dict; works offline)")
-    w.add_argument("--no-pretrained", action="store_true",
-                   help="random initialisation instead of ImageNet weights (much weaker; warned)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default 100; demo 10)")
-    g.add_argument("--batch-size", type=int, default=None, help="batch size (default 8)")
-    g.add_argument("--image-size", type=int, default=None, help="input size after the centre crop (default 256)")
-    g.add_argument("--resize", type=int, default=None, help="resize to this before the crop (default: image size)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-4)")
-    g.add_argument("--lambda1", type=float, default=0.5, help="weight of the KL discrepancy terms (0.5)")
-    g.add_argument("--lambda2", type=float, default=0.5, help="weight of the entropy terms (0.5)")
-    g.add_argument("--d-model", type=_int_list, default=None,
-                   help="model width per level, comma-separated (default 256 for 32x32 levels, 512 for 16x16)")
-    g.add_argument("--heads", type=int, default=None, help="attention heads (default 8)")
-    g.add_argument("--layers", type=int, default=None, help="encoder layers (default 3)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-cache-features", action="store_true",
-                   help="recompute backbone features every epoch instead of keeping them in memory")
-    g.add_argument("--compat-official", action="store_true",
-                   help="reproduce the public code: discard the output projection and pick the best epochs ON THE "
-                        "TEST SET (optimistic numbers, flagged in the output)")
-    _add_run_args(p)
+def _parser_type(name: str):
+    base, is_list, _ = CF.field_type(name)
+    if is_list:
+        def parse(s, base=base):
+            items = [x.strip() for x in s.split(",") if x.strip()]
+            try:
+                return [base(x) for x in items]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {base.__name__} values, got {s!r}")
+        return parse
+    return base
 
 
-def _add_run_args(p):
-    g = p.add_argument_group("execution")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    g.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "cuda", "reference"],
-                   help="I2Correlation kernel backend; auto picks the fastest available one for the device")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    g.add_argument("--heatmaps", type=int, default=-1, help="how many heat-map PNGs to write (default all)")
-    g.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+def _default_text(name: str, demo: bool) -> str:
+    v = CF.DEMO_DEFAULTS.get(name, CF.FIELDS[name].default) if demo else CF.FIELDS[name].default
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        v = ",".join(map(str, v))
+    return f" (default {v})"
+
+
+def add_config_options(p: argparse.ArgumentParser, groups=(CF.MODEL_OPTIONS, CF.RUN_OPTIONS), demo: bool = False,
+                       skip=()):
+    """One option per Config field of the given groups, named and documented by the field."""
+    from fod_kernels import BACKENDS
+    titles = {CF.MODEL_OPTIONS: "model and training", CF.RUN_OPTIONS: "execution"}
+    for group in groups:
+        g = p.add_argument_group(titles[group])
+        excl = g.add_mutually_exclusive_group() if group == CF.MODEL_OPTIONS else None
+        for name, f in CF.FIELDS.items():
+            md = f.metadata
+            if md["group"] != group or not md["cli"] or name in skip:
+                continue
+            base, _, _ = CF.field_type(name)
+            kw = dict(dest=_dest(name), default=None, help=md["help"])
+            if base is bool:
+                kw.update(action="store_const", const=not f.default)
+            else:
+                kw.update(type=_parser_type(name), help=md["help"] + _default_text(name, demo))
+                kw["metavar"] = md.get("metavar", _flag(name).lstrip("-").replace("-", "_").upper())
+                if name == "backend":
+                    kw["choices"] = ["auto", *BACKENDS]
+                    del kw["metavar"]
+            target = excl if name in ("weights", "pretrained") and excl is not None else g
+            target.add_argument(_flag(name), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fod", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="fod", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train on a category's normal images, then evaluate the final model once",
                        description="Train on DATA/train, then evaluate the final model once on DATA/test. Writes "
-                                   "metrics.json, checkpoint.pt (after every epoch), heatmaps/ and summary.png.")
-    p.add_argument("--data", required=True, help="category directory, e.g. mvtec/bottle")
+                                   "config.toml, checkpoint.pt (after every epoch), metrics.json, heatmaps/ and "
+                                   "summary.png.")
+    p.add_argument("--data", dest=_dest("data"), default=None, metavar="DIR",
+                   help="category directory, e.g. mvtec/bottle (required unless --config gives it)")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", default="mvtec", choices=["mvtec", "btad", "mvtec3d"], help="directory layout")
+    p.add_argument("--dataset", dest=_dest("dataset"), default=None, choices=CF.LAYOUTS,
+                   help="directory layout (default mvtec)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a TOML configuration (e.g. RUN/config.toml of an earlier run); options given here win")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint "
                    "(same configuration; --epochs may be raised)")
-    _add_model_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    add_config_options(p)
 
     p = sub.add_parser("test", help="evaluate a checkpoint on a test set",
                        description="Evaluate a trained checkpoint on DATA/test: metrics.json, heatmaps/, summary.png.")
     p.add_argument("--data", required=True, help="category directory")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", default=None, choices=["mvtec", "btad", "mvtec3d"],
+    p.add_argument("--dataset", default=None, choices=CF.LAYOUTS,
                    help="directory layout (default: the one of training)")
-    p.add_argument("--batch-size", type=int, default=None)
-    _add_run_args(p)
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the one of training)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    add_config_options(p, groups=(CF.RUN_OPTIONS,))
 
     p = sub.add_parser("predict", help="anomaly maps and scores for new images",
                        description="Score new images with a trained checkpoint: scores.json (image scores), "
@@ -113,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=8)
-    _add_run_args(p)
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    add_config_options(p, groups=(CF.RUN_OPTIONS,))
 
     p = sub.add_parser("demo", help="generate the embedded synthetic dataset, train and evaluate (CPU, minutes)",
                        description="Writes a synthetic textured-fabric dataset with scratches, spots and cuts (MVTec "
@@ -123,47 +137,51 @@ def build_parser() -> argparse.ArgumentParser:
                                    "given.")
     p.add_argument("--output", default="fod-demo", help="output directory (default ./fod-demo)")
     p.add_argument("--train-images", type=int, default=60, help="synthetic training images (default 60)")
-    _add_model_args(p, demo=True)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    add_config_options(p, demo=True)
     return ap
 
 
-def _config(args, demo=False):
-    from .train import Config
-    base = dict(DEMO_DEFAULTS) if demo else {}
-    pick = lambda name, key, default: getattr(args, name) if getattr(args, name) is not None else base.get(key, default)  # noqa: E731
-    cfg = Config(
-        data=str(args.data), dataset=getattr(args, "dataset", "mvtec"),
-        backbone=pick("backbone", "backbone", "wide_resnet50_2"), levels=args.levels or base.get("levels"),
-        pretrained=not (args.no_pretrained or (demo and args.weights is None)), weights=args.weights,
-        image_size=pick("image_size", "image_size", 256), resize=args.resize,
-        epochs=pick("epochs", "epochs", 100), batch_size=pick("batch_size", "batch_size", 8),
-        lr=pick("lr", "lr", 1e-4), lambda1=args.lambda1, lambda2=args.lambda2,
-        d_model=pick("d_model", "d_model", None), n_heads=pick("heads", "n_heads", 8),
-        n_layers=pick("layers", "n_layers", 3), device=args.device, backend=args.backend, seed=args.seed,
-        amp=args.amp, compat_official=args.compat_official, cache_features=not args.no_cache_features,
-        num_workers=args.workers, heatmaps=args.heatmaps)
-    if demo and args.backbone is not None and args.backbone != DEMO_DEFAULTS["backbone"] and args.levels is None:
-        cfg.levels = None
-        cfg.d_model = args.d_model
-    return cfg
+def _given(args) -> dict:
+    """The Config fields the user gave on the command line."""
+    return {k[len("cfg_"):]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+def resolve_config(args, demo: bool = False) -> CF.Config:
+    """Config from (lowest to highest) the defaults, the demo's defaults, --config FILE, the command line."""
+    given = _given(args)
+    values = dict(CF.DEMO_DEFAULTS) if demo else {}
+    if getattr(args, "config", None):
+        values.update(CF.load_toml(args.config))
+    values.update(given)
+    if demo and "weights" in given:
+        values["pretrained"] = True  # the weights file is the ImageNet substitute
+    if demo and given.get("backbone", CF.DEMO_DEFAULTS["backbone"]) != CF.DEMO_DEFAULTS["backbone"]:
+        # another backbone: its own default levels and widths unless given
+        values["levels"] = given.get("levels")
+        values["d_model"] = given.get("d_model")
+    if not values.get("data"):
+        raise ValueError("--data is required (or a --config file that gives `data`)")
+    return CF.from_dict(values, where="configuration")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
-    from . import train as T
+    from .evaluate import predict, test
+    from .train import train
     try:
         if args.command == "train":
-            cfg = _config(args)
-            T.train(cfg, args.output, resume=args.resume, overwrite=args.overwrite)
-        elif args.command == "test":
-            T.test(args.checkpoint, args.data, args.output, dataset=args.dataset, device=args.device,
-                   backend=args.backend, batch_size=args.batch_size, overwrite=args.overwrite,
-                   heatmaps=args.heatmaps)
-        elif args.command == "predict":
-            T.predict(args.checkpoint, args.images, args.output, device=args.device, backend=args.backend,
-                      batch_size=args.batch_size, overwrite=args.overwrite)
+            train(resolve_config(args), args.output, resume=args.resume, overwrite=args.overwrite)
+        elif args.command in ("test", "predict"):
+            run = _given(args)
+            kw = dict(device=run.get("device", "cpu"), backend=run.get("backend"), overwrite=args.overwrite)
+            if args.command == "test":
+                test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size,
+                     heatmaps=run.get("heatmaps", -1), **kw)
+            else:
+                predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
         elif args.command == "demo":
             return demo(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
@@ -173,29 +191,32 @@ def main(argv=None) -> int:
 
 
 def demo(args) -> int:
-    from . import train as T
+    from .evaluate import predict
+    from .files import prepare_output
+    from .report import say
     from .synthetic import make_dataset
+    from .train import train
     out = Path(args.output)
-    T.prepare_output(out, overwrite=args.overwrite, products=("data", "metrics.json", "checkpoint.pt"))
+    prepare_output(out, overwrite=args.overwrite, products=("data", "metrics.json", "checkpoint.pt"))
     t0 = time.perf_counter()
     data = out / "data"
     if data.exists() and args.overwrite:
         import shutil
         shutil.rmtree(data)
     make_dataset(data, n_train=args.train_images)
-    T.say(f"fod demo: synthetic dataset written to {data} (train/good, test/good|scratch|spot|cut, ground_truth)")
-    args.data = data
-    cfg = _config(args, demo=True)
+    say(f"fod demo: synthetic dataset written to {data} (train/good, test/good|scratch|spot|cut, ground_truth)")
+    args.cfg_data = str(data)
+    cfg = resolve_config(args, demo=True)
     if cfg.weights is None:
-        T.say("fod demo: backbone weights: RANDOM INITIALISATION (no download is attempted; pass --weights FILE "
-              "for ImageNet weights). Shallow levels of a random network still separate these textures.")
-    metrics = T.train(cfg, out / "run", overwrite=args.overwrite)
+        say("fod demo: backbone weights: RANDOM INITIALISATION (no download is attempted; pass --weights FILE "
+            "for ImageNet weights). Shallow levels of a random network still separate these textures.")
+    metrics = train(cfg, out / "run", overwrite=args.overwrite)
     samples = sorted((data / "test").glob("*/000.png"))
-    T.predict(out / "run" / "checkpoint.pt", samples, out / "predict", device=cfg.device, backend=cfg.backend,
-              overwrite=args.overwrite)
-    T.say(f"fod demo: done in {time.perf_counter() - t0:.0f} s; weights: {metrics['weights']}; "
-          f"image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
-          f"AUPRO {metrics['aupro']:.3f}; see {out / 'run' / 'summary.png'}")
+    predict(out / "run" / "checkpoint.pt", samples, out / "predict", device=cfg.device, backend=cfg.backend,
+            overwrite=args.overwrite)
+    say(f"fod demo: done in {time.perf_counter() - t0:.0f} s; weights: {metrics['weights']}; "
+        f"image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
+        f"AUPRO {metrics['aupro']:.3f}; see {out / 'run' / 'summary.png'}")
     return 0
 
 

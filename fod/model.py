@@ -1,4 +1,5 @@
-"""The FOD reconstruction model of one feature level (spec section 5).
+"""The FOD model (docs/I2CORRELATION.md section 5): one reconstruction transformer per feature level,
+the loss, the token scores, and the ``FOD`` bundle (backbone + level models + reference memories).
 
 Tokens: the backbone's (C, Hg, Wg) feature map flattened row-major to
 (L = Hg*Wg, C). Both the image tokens and the reference memory are embedded by
@@ -14,11 +15,17 @@ and the encoder ends with a LayerNorm and a Linear back to C channels.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from fod_kernels import I2Correlation
+
+from .backbone import Backbone
+from .config import Config
 
 
 def sincos_2d(d_model: int, rows: int, cols: int) -> torch.Tensor:
@@ -131,3 +138,91 @@ def token_scores(out: torch.Tensor, x: torch.Tensor, inter) -> torch.Tensor:
     att = torch.softmax(-k, dim=-1)
     inter_score = att.max(dim=-1, keepdim=True).values - att
     return rec * inter_score
+
+
+# ----------------------------------------------------------------------------- the model bundle
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete kernel backend for ``backend`` ("auto" included) on ``device``; raises if it cannot run."""
+    from fod_kernels._backends import resolve_backend as _resolve
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _resolve(backend, device)
+
+
+class FOD(nn.Module):
+    """Backbone + one reconstruction model per level + the reference memories."""
+
+    def __init__(self, cfg: Config, backbone: Backbone, grids, memories=None):
+        super().__init__()
+        self.cfg, self.backbone, self.grids = cfg, backbone, [tuple(g) for g in grids]
+        dms = cfg.d_model or [default_d_model(g[0] * g[1]) for g in self.grids]
+        if len(dms) != len(self.grids):
+            raise ValueError(f"--d-model gives {len(dms)} widths for {len(self.grids)} levels")
+        self.d_models = list(dms)
+        self.models = nn.ModuleList(
+            LevelModel(c, g, d, cfg.n_heads, cfg.n_layers, backend=cfg.backend, out_proj=not cfg.compat_official,
+                       eps=cfg.eps)
+            for c, g, d in zip(backbone.channels, self.grids, dms))
+        self.memories = list(memories) if memories is not None else None
+
+    def set_backend(self, name: str):
+        for m in self.models:
+            m.set_backend(name)
+
+    @property
+    def backend(self) -> str:
+        return self.models[0].layers[0].attn.backend
+
+    def to_device(self, device: str) -> "FOD":
+        """Move everything (memories included) to ``device`` and resolve the configured backend there."""
+        self.to(device)
+        if self.memories is not None:
+            self.memories = [m.to(device) for m in self.memories]
+        self.set_backend(resolve_backend(self.cfg.backend, torch.device(device)))
+        return self
+
+    def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features as tokens: [(B, L, C)] per level."""
+        return [f.flatten(2).transpose(1, 2).contiguous() for f in self.backbone(images)]
+
+    @torch.no_grad()
+    def anomaly_maps(self, images: torch.Tensor, amp: bool = False) -> torch.Tensor:
+        """(B, S, S) anomaly maps: per level rec_score * inter_score, upsampled, averaged over levels."""
+        size = images.shape[-2:]
+        maps = []
+        for feat, model, mem, g in zip(self.tokens(images), self.models, self.memories, self.grids):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out, _, inter = model(feat, mem, need_stats=(False, True))
+            s = token_scores(out.float(), feat, [type(t)(*(x.float() for x in t)) for t in inter])
+            s = s.view(-1, 1, *g)
+            maps.append(F.interpolate(s, size=size, mode="bilinear", align_corners=True)[:, 0])
+        return torch.stack(maps).mean(0)
+
+
+def loader(ds, cfg: Config, batch_size: int):
+    """The evaluation-order (unshuffled) DataLoader of a dataset."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.num_workers)
+
+
+@torch.no_grad()
+def extract_features(fod: FOD, ds, cfg: Config, device: str, desc: str) -> list[torch.Tensor]:
+    """The tokens of every image of ``ds``, per level: [(N, L, C)] on the CPU."""
+    feats = None
+    for batch in tqdm(loader(ds, cfg, cfg.batch_size), desc=desc, unit="batch", leave=False):
+        toks = [t.cpu() for t in fod.tokens(batch["image"].to(device))]
+        feats = [[t] for t in toks] if feats is None else [f + [t] for f, t in zip(feats, toks)]
+    return [torch.cat(f) for f in feats]
+
+
+@torch.no_grad()
+def reference_memory(fod: FOD, ds, cfg: Config, device: str, cached=None) -> list[torch.Tensor]:
+    """Per-position mean of the training features per level: [(L, C)]."""
+    if cached is not None:
+        return [f.mean(0) for f in cached]
+    sums, n = None, 0
+    for batch in tqdm(loader(ds, cfg, cfg.batch_size), desc="memory", unit="batch", leave=False):
+        toks = fod.tokens(batch["image"].to(device))
+        sums = [t.sum(0) for t in toks] if sums is None else [s + t.sum(0) for s, t in zip(sums, toks)]
+        n += toks[0].shape[0]
+    return [(s / n).cpu() for s in sums]

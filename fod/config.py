@@ -1,0 +1,226 @@
+"""The run configuration: one place for every parameter's type, default and help.
+
+``Config`` is the whole configuration of a training run. The command line is built from its
+fields (``fod.cli``), a run folder stores the resolved configuration as ``config.toml``
+(``fod train --config RUN/config.toml --output NEW`` reproduces the run), and a checkpoint
+stores it too. ``RESUME_MUTABLE`` says what ``--resume`` may change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+LAYOUTS = ("mvtec", "btad", "mvtec3d")
+RUN_OPTIONS = "run"      # execution options: every command has them
+MODEL_OPTIONS = "model"  # what defines a trained model: train and demo
+
+
+def opt(help: str, *, flag: Optional[str] = None, group: str = MODEL_OPTIONS, cli: bool = True, **kw) -> dict:
+    """Field metadata: the help text, the command-line flag (default: --field-name), the option group."""
+    return {"help": help, "flag": flag, "group": group, "cli": cli, **kw}
+
+
+@dataclass
+class Config:
+    data: str = field(default="", metadata=opt("category directory, e.g. mvtec/bottle", cli=False))
+    dataset: str = field(default="mvtec", metadata=opt("directory layout", choices=LAYOUTS, cli=False))
+    backbone: str = field(default="wide_resnet50_2", metadata=opt(
+        "timm model name, e.g. wide_resnet50_2, resnet18, efficientnet_b6"))
+    levels: Optional[list[str]] = field(default=None, metadata=opt(
+        "comma-separated feature levels (timm module names); if none are given, the stride-8 and stride-16 "
+        "levels (layer2,layer3 for ResNets)"))
+    pretrained: bool = field(default=True, metadata=opt(
+        "random initialisation instead of ImageNet weights (much weaker; warned)", flag="--no-pretrained"))
+    weights: Optional[str] = field(default=None, metadata=opt(
+        "backbone weights from a local file (timm or torchvision state dict; works offline)", metavar="FILE"))
+    image_size: int = field(default=256, metadata=opt("input size after the centre crop"))
+    resize: Optional[int] = field(default=None, metadata=opt(
+        "resize to this before the crop (if not given: the image size)"))
+    epochs: int = field(default=100, metadata=opt("training epochs"))
+    batch_size: int = field(default=8, metadata=opt("batch size"))
+    lr: float = field(default=1e-4, metadata=opt("Adam learning rate"))
+    lambda1: float = field(default=0.5, metadata=opt("weight of the KL discrepancy terms"))
+    lambda2: float = field(default=0.5, metadata=opt("weight of the entropy terms"))
+    d_model: Optional[list[int]] = field(default=None, metadata=opt(
+        "model width per level, comma-separated; if not given, 256 for 32x32 levels and 512 for 16x16"))
+    n_heads: int = field(default=8, metadata=opt("attention heads", flag="--heads"))
+    n_layers: int = field(default=3, metadata=opt("encoder layers", flag="--layers"))
+    eps: float = field(default=1e-4, metadata=opt("smoothing constant inside the KL and entropy logs"))
+    device: str = field(default="cpu", metadata=opt("cpu, cuda or cuda:N", group=RUN_OPTIONS))
+    backend: str = field(default="auto", metadata=opt(
+        "I2Correlation kernel backend; auto picks the fastest available one for the device", group=RUN_OPTIONS))
+    seed: int = field(default=0, metadata=opt("random seed (weights, shuffling)"))
+    amp: bool = field(default=False, metadata=opt("bf16 autocast (CUDA only)", group=RUN_OPTIONS))
+    compat_official: bool = field(default=False, metadata=opt(
+        "reproduce the public code: discard the output projection and pick the best epochs ON THE TEST SET "
+        "(optimistic numbers, flagged in the output)"))
+    cache_features: bool = field(default=True, metadata=opt(
+        "recompute backbone features every epoch instead of keeping them in memory", flag="--no-cache-features"))
+    num_workers: int = field(default=0, metadata=opt("data-loading worker processes", flag="--workers",
+                                                     group=RUN_OPTIONS))
+    heatmaps: int = field(default=-1, metadata=opt("how many heat-map PNGs to write (-1: all)", group=RUN_OPTIONS))
+
+    def check(self) -> "Config":
+        """Raise ValueError naming the first invalid field; returns self."""
+        check_config(self)
+        return self
+
+
+# --resume may change these; every other field must equal the checkpoint's.
+RESUME_MUTABLE = frozenset({"epochs", "device", "backend", "num_workers", "heatmaps"})
+
+# The demo: CPU in about a minute with a randomly initialised resnet18. Only layer2 (stride 8, 16x16 tokens at
+# 128 px) is used: a random network's shallow features are local colour/edge filters that still separate these
+# textures, while deeper random features mostly mix noise; a 32x32 level would quadruple the token count and the
+# cost. lr 5e-4 for 10 epochs: the paper's 1e-4 needs far more epochs, and beyond ~10 epochs at 5e-4 the intra-KL
+# maximisation starts to dominate the loss.
+DEMO_DEFAULTS = dict(backbone="resnet18", levels=["layer2"], pretrained=False, image_size=128,
+                     epochs=10, batch_size=8, lr=5e-4, d_model=[64], n_heads=4, n_layers=2)
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def field_type(name: str):
+    """(base type, is_list, optional) of a Config field, from its annotation."""
+    hint = typing.get_type_hints(Config)[name]
+    optional = False
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint, optional = args[0], True
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
+
+
+def _finite_number(name, v, lo=None, *, lo_open=False, hi=None):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v!r}")
+
+
+def check_config(cfg: Config):
+    """Everything about a Config that can be checked without data or a model."""
+    for name in FIELDS:
+        check_value(name, getattr(cfg, name))
+    _finite_number("--epochs", cfg.epochs, 0)
+    _finite_number("--batch-size", cfg.batch_size, 1)
+    _finite_number("--image-size", cfg.image_size, 8)
+    if cfg.resize is not None:
+        _finite_number("--resize", cfg.resize, cfg.image_size)
+    _finite_number("--lr", cfg.lr, 0, lo_open=True)
+    _finite_number("--lambda1", cfg.lambda1, 0)
+    _finite_number("--lambda2", cfg.lambda2, 0)
+    _finite_number("--eps", cfg.eps, 0, hi=1)
+    _finite_number("--heads", cfg.n_heads, 1)
+    _finite_number("--layers", cfg.n_layers, 1)
+    _finite_number("--workers", cfg.num_workers, 0)
+    _finite_number("--heatmaps", cfg.heatmaps, -1)
+    if cfg.d_model is not None:
+        for d in cfg.d_model:
+            _finite_number("--d-model", d, 1)
+            if d % 4 or d % cfg.n_heads:
+                raise ValueError(f"--d-model {d} must be a multiple of 4 and of --heads {cfg.n_heads}")
+    if cfg.levels is not None and not cfg.levels:
+        raise ValueError("--levels is empty")
+    if cfg.dataset not in LAYOUTS:
+        raise ValueError(f"--dataset must be one of {LAYOUTS}, got {cfg.dataset!r}")
+    if cfg.amp and not str(cfg.device).startswith("cuda"):
+        raise ValueError("--amp (bf16 autocast) is for CUDA only")
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {cfg.weights}")
+
+
+def check_value(name: str, value):
+    """Type check of one field's value (as it comes from a config file or a checkpoint)."""
+    if name not in FIELDS:
+        raise ValueError(f"unknown configuration key {name!r}; known keys: {', '.join(FIELDS)}")
+    base, is_list, optional = field_type(name)
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"configuration key {name!r} may not be empty")
+    values = value if is_list else [value]
+    if is_list and not isinstance(value, list):
+        raise ValueError(f"configuration key {name!r} must be a list of {base.__name__}, got {value!r}")
+    for v in values:
+        ok = (isinstance(v, bool) if base is bool else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if base is float else
+              isinstance(v, int) and not isinstance(v, bool) if base is int else isinstance(v, base))
+        if not ok:
+            raise ValueError(f"configuration key {name!r} must be {'a list of ' if is_list else ''}"
+                             f"{base.__name__}, got {value!r}")
+
+
+def from_dict(d: dict, where: str = "configuration") -> Config:
+    """A Config from a mapping (a config file or a checkpoint); unknown keys and wrong types are errors."""
+    unknown = sorted(set(d) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELDS)}")
+    for k, v in d.items():
+        try:
+            check_value(k, v)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    d = {k: (float(v) if field_type(k)[0] is float and v is not None else v) for k, v in d.items()}
+    return Config(**d)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def resume_differences(saved: Config, now: Config) -> dict:
+    """{field: (saved, now)} for the fields --resume may not change."""
+    return {k: (getattr(saved, k), getattr(now, k)) for k in FIELDS
+            if k not in RESUME_MUTABLE and getattr(saved, k) != getattr(now, k)}
+
+
+# ----------------------------------------------------------------------------- TOML
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):  # a TOML basic string: escape quotes, backslashes and control characters
+        return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else "\\" + c if c in '"\\'
+                             else c for c in v) + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The configuration as TOML; fields that are None (TOML has no null) are left out: None is their default."""
+    lines = ["# fod run configuration: `fod train --config THIS_FILE --output NEW_DIR` reproduces the run"]
+    for k, v in to_dict(cfg).items():
+        if v is not None:
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def load_toml(path) -> dict:
+    """The key/value pairs of a config file, checked against Config's fields (not yet merged with defaults)."""
+    path = Path(path)
+    try:
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    from_dict(d, where=f"config file {path}")  # validates keys and types
+    return d
