@@ -173,7 +173,8 @@ def fod_session(request):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import fod_kernels
-    info = {"load_average_at_end": list(os.getloadavg()), "torch": torch.__version__, "torch_cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+    info = {"load_average_at_end": list(os.getloadavg()), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "threads": torch.get_num_threads(),
             "platform": platform.platform(), "cpu_model": _cpu_model(),
             "backends": {k: [bool(v.available), v.reason] for k, v in fod_kernels.available_backends().items()}}
     try:

@@ -198,7 +198,8 @@ def _probe_call(provider, device, dtype):
         sync(device)
     except Exception as exc:  # the reason is reported verbatim in the skip
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return False, f"{provider.name} fails on {dtype} {torch.device(device).type} tensors: {type(exc).__name__}: {msg}"
+        return False, (f"{provider.name} fails on {dtype} {torch.device(device).type} tensors: "
+                       f"{type(exc).__name__}: {msg}")
     return True, ""
 
 

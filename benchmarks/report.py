@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -144,7 +143,8 @@ def oom_table(rows):
     if not sel:
         return []
     out = ["## Out-of-memory boundary (forward + backward, B=8, H=8, D=32, float32)", "",
-           "| device | provider | memory cap GiB | largest L that ran | smallest L that failed | how the search ended | "
+           "| device | provider | memory cap GiB | largest L that ran | smallest L that failed | "
+           "how the search ended | "
            "L predicted from measured peaks |", "|---|---|---|---|---|---|---|"]
     for r in sorted(sel, key=lambda r: (r["device"], _prov_key(r["provider"]))):
         out.append(f"| {r['device']} | {r['provider']} | {r['cap_bytes'] / 2**30:.0f} | {r.get('L_ok') or '-'} | "

@@ -1,4 +1,5 @@
-"""Dataset layouts (MVTec AD, BTAD, MVTec 3D-AD), preprocessing, error cases, the synthetic generator, backbone weights."""
+"""Dataset layouts (MVTec AD, BTAD, MVTec 3D-AD), preprocessing, error cases, the synthetic generator,
+backbone weights."""
 import numpy as np
 import pytest
 import torch
