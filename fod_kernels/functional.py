@@ -144,7 +144,8 @@ def correlation_attention(q, k, v, sigma, grid, *, scale: Optional[float] = None
         K_i = sum_j p (log(p+eps) - log(t+eps)) + sum_j t (log(t+eps) - log(p+eps))   (symmetric KL)
         E_i = -sum_j p log(p+eps)                      (entropy; eps = 0: exact logs)
 
-    with sy, sx = sigma[..., 0], sigma[..., 1] (rows, columns). Widths below
+    with sy, sx = sigma[..., 0], sigma[..., 1] (rows, columns). The prior does
+    not enter ``out``: sigma acts only through K. Widths below
     ``SIGMA_MIN`` = 1e-6 tokens are raised to it (the prior is already one-hot
     there; this only removes the NaN of sigma^2 underflowing).
 

@@ -297,3 +297,22 @@ def test_sigma_max_bounds_the_widths(sigma_max):
 def test_bad_sigma_max(bad):
     with pytest.raises(ValueError, match="sigma_max"):
         fk.I2Correlation(16, 2, (3, 4), sigma_max=bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_kl_with_full_gradient(backend):
+    """The documented recipe kl_attn + kl_prior - kl_attn.detach() is K with its true gradient (q, k and sigma)."""
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("cpu backend not built")
+    q, k, v, s = (t.double().requires_grad_() for t in good(Bk=2))
+    _, st = call(q, k, v, s, backend=backend)
+    full = st.kl_attn + st.kl_prior - st.kl_attn.detach()
+    torch.testing.assert_close(full, st.kl_attn)
+    got = torch.autograd.grad(full.sum(), (q, k, s))
+    from fod_kernels.reference import prior_log_weights
+    p = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+    t = torch.softmax(prior_log_weights(s, 3, 4), -1)
+    lp, lt = torch.log(p + 1e-4), torch.log(t + 1e-4)
+    K = (p * (lp - lt)).sum(-1) + (t * (lt - lp)).sum(-1)  # no detach anywhere
+    for a, b in zip(got, torch.autograd.grad(K.sum(), (q, k, s))):
+        torch.testing.assert_close(a, b)

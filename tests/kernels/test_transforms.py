@@ -218,7 +218,7 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
     torch.testing.assert_close(gc, gx, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", ALL + [TRITON])
 def test_export_with_a_dynamic_batch(backend):
     """torch.export with Dim batch; the program (also saved and loaded) gives the eager result at other batches."""
     from torch.export import Dim, export
@@ -234,7 +234,7 @@ def test_export_with_a_dynamic_batch(backend):
         close(loaded(x, ref), m(x, ref), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", ALL + [TRITON])
 def test_jit_trace(backend):
     """torch.jit.trace records the op (not a Python call): it runs at other batch sizes, differentiates, saves."""
     m = Wrapped(backend)
