@@ -9,8 +9,10 @@ branch for ``correlation_attention``, two for the fused ``i2correlation``):
     (float64 for float64 inputs, else float32). ``kl`` is K = KL(P||T) + KL(T||P),
     ``ent`` is E, ``lse`` the softmax log-normaliser of the scaled scores, and
     ``r1``/``r2`` the row sums of spec section 3. Where ``need_stats[i]`` is
-    False the branch returns ``out`` and ``lse`` and four empty tensors.
-    ``sigma`` may be float32 while q, k, v are bfloat16/float16.
+    False the branch returns ``out`` and ``lse`` and four empty tensors
+    (``need_stats`` is a list of bools here; the op schema carries it as
+    list[int], which torch.jit.trace can record). ``sigma`` is in the
+    statistics dtype: float32 while q, k, v are bfloat16/float16.
 
 ``bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses,
 rows, cols, scale, eps) -> list[Tensor]``

@@ -26,7 +26,7 @@ def test_patches_are_row_major_on_the_grid():
 
 def test_example_runs_briefly(capsys):
     pa = _load()
-    res = pa.main(["--steps", "3", "--backend", "reference"])
+    res = pa.main(["--steps", "3"])
     out = capsys.readouterr().out
     assert set(res) == {"plain", "i2c", "i2c+minimax"} and "relative to plain attention" in out
     for kind, (err, ent) in res.items():

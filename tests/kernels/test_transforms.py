@@ -114,6 +114,15 @@ def test_func_grad_matches_reference(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+def test_jacrev_matches_reference(backend):
+    """jacrev = vmap over vjp: the backward op under vmap, with a per-row cotangent."""
+    from torch.func import jacrev
+    q, k, v, s = branch()
+    f = lambda be: lambda q_: all_outputs(be, q_, k, v, s)[1]  # noqa: E731  (kl_attn, (B, H, L))
+    torch.testing.assert_close(jacrev(f(backend))(q), jacrev(f("reference"))(q))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 def test_functional_call_parameter_gradients(backend):
     torch.manual_seed(0)
     m = fk.I2Correlation(16, 2, GRID, backend=backend).double()
