@@ -26,7 +26,11 @@ def test_patches_are_row_major_on_the_grid():
 
 def test_example_runs_briefly(capsys):
     pa = _load()
-    res = pa.main(["--steps", "3"])
+    threads = torch.get_num_threads()
+    try:
+        res = pa.main(["--steps", "3"])
+    finally:
+        torch.set_num_threads(threads)  # main() sets 1 thread for its tiny model
     out = capsys.readouterr().out
     assert set(res) == {"plain", "i2c", "i2c+minimax"} and "relative to plain attention" in out
     for kind, (err, ent) in res.items():
