@@ -17,8 +17,9 @@ discrepancy to the prior and minimises the inter one); it is not a generic regul
 like this one it typically sharpens the intra attention (its entropy falls) at some cost in
 reconstruction. Run: python examples/patch_autoencoder.py [--steps N] [--backend auto|cpu|reference]
 
-On one CPU thread the default run takes about 40 s and prints, for seed 0: plain MSE 0.044; i2c 0.046 (1.03x) with intra entropy 4.06 of a
-uniform 4.16; i2c+minimax 0.055 (1.24x) with intra entropy 0.11, i.e. a collapsed intra attention.
+On one CPU thread the default run takes about 40 s and prints, for seed 0: plain MSE 0.044; i2c 0.046
+(1.03x) with intra entropy 4.06 of a uniform 4.16; i2c+minimax 0.055 (1.24x) with intra entropy 0.11, i.e. a
+collapsed intra attention.
 """
 from __future__ import annotations
 

@@ -76,8 +76,8 @@ def check_branch(q, k, v, sigma, grid, *, name: str = "", check_values: bool = T
     Bk, Hk, S, Dk = k.shape
     n_cells = rows * cols
     if L != n_cells and H == n_cells:
-        raise ValueError(f"{pre}q has shape {tuple(q.shape)}: it looks like the (B, L, H, D) layout (the grid {(rows, cols)} "
-                         f"has {n_cells} tokens, q's dimension 1 has {H}); the operator takes heads-first "
+        raise ValueError(f"{pre}q has shape {tuple(q.shape)}: it looks like the (B, L, H, D) layout (the grid "
+                         f"{(rows, cols)} has {n_cells} tokens, q's dimension 1 has {H}); the operator takes heads-first "
                          f"(B, H, L, D) tensors like scaled_dot_product_attention: pass q.transpose(1, 2) "
                          f"(and the same for k, v, sigma)")
     if L != n_cells:

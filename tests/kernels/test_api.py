@@ -24,7 +24,8 @@ def call(q, k, v, s, grid=(3, 4), **kw):
     (lambda a: a.__setitem__(1, torch.randn(3, 2, 12, 8)), ValueError, "batch must be 1"),
     (lambda a: a.__setitem__(2, torch.randn(1, 2, 12, 4)), ValueError, "v must have the shape of k"),
     (lambda a: a.__setitem__(3, torch.rand(2, 2, 12, 1)), ValueError, "sigma must have shape"),
-    (lambda a: (a.__setitem__(1, torch.randn(1, 2, 10, 8)), a.__setitem__(2, torch.randn(1, 2, 10, 8))), ValueError, "multiple m\\*L"),
+    (lambda a: (a.__setitem__(1, torch.randn(1, 2, 10, 8)), a.__setitem__(2, torch.randn(1, 2, 10, 8))), ValueError,
+     "multiple m\\*L"),
     (lambda a: a[3].__setitem__((0, 0, 0, 0), 0.0), ValueError, "sigma must be > 0"),
     (lambda a: a[3].__setitem__((0, 0, 0, 0), -1.0), ValueError, "sigma must be > 0"),
     (lambda a: a[0].__setitem__((0, 0, 0, 0), float("nan")), ValueError, "q contains NaN"),
@@ -238,14 +239,14 @@ def test_tiny_sigma_is_finite_and_agrees(backend, dtype):
     q, k, v, _ = make_branch(2, 2, 12, 8, 1, dtype=torch.float64, seed=2)
     from helpers import reference_fn, upstream, values_and_grads
     ups = upstream(q, seed=3)
-    oracle = values_and_grads(reference_fn((3, 4), 1e-4), (q, k, v, torch.full((2, 2, 12, 2), 1e-3, dtype=torch.float64)),
-                              ups)
+    one_hot = torch.full((2, 2, 12, 2), 1e-3, dtype=torch.float64)  # exp(-1 / (2e-6)) = 0: a one-hot prior
+    oracle = values_and_grads(reference_fn((3, 4), 1e-4), (q, k, v, one_hot), ups)
     assert oracle["dsigma"].abs().max() == 0
     for tiny in (1e-30, 1e-25, 1e-20, 1e-12, 1e-6) + ((1e-200,) if dtype == torch.float64 else ()):
         s = torch.full((2, 2, 12, 2), tiny, dtype=dtype)
         s[0, 0, 0, 1] = 0.5  # one ordinary row, to show the clamp leaves other rows alone
         got = values_and_grads(lambda *a: _outs(backend, *a), tuple(t.to(dtype) for t in (q, k, v)) + (s,), ups)
-        want = values_and_grads(reference_fn((3, 4), 1e-4), (q, k, v, s.double().clamp_min(1e-3).where(s < 1e-3, s.double())), ups)
+        want = values_and_grads(reference_fn((3, 4), 1e-4), (q, k, v, s.double().clamp_min(1e-3)), ups)
         for n in got:
             assert torch.isfinite(got[n]).all(), f"{n} not finite at sigma={tiny}"
             tol = 1e-4 if dtype == torch.float32 else 1e-10

@@ -135,7 +135,8 @@ def test_functional_and_module_pass_the_mask_and_memory():
 def test_bad_masks(mutate, exc, words):
     q, k, v, sigma = make_branch(2, 2, 12, 8, 1, seed=1)
     with pytest.raises(exc, match=words):
-        fk.correlation_attention(q, k, v, sigma, (3, 4), backend="reference", key_padding_mask=mutate(random_mask(2, 12, 0)))
+        fk.correlation_attention(q, k, v, sigma, (3, 4), backend="reference",
+                                 key_padding_mask=mutate(random_mask(2, 12, 0)))
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="cpu backend not built")
