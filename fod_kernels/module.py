@@ -37,7 +37,7 @@ class I2Correlation(nn.Module):
     token i at row i // cols, column i % cols, as a (B, C, rows, cols) feature
     map's ``flatten(2).transpose(1, 2)``); ``d_head`` (default d_model //
     n_heads); ``sigma_max`` the widest prior in tokens (default 2, the
-    reference's: a standard deviation of at most 2 tokens, 95% of the prior
+    reference's: a standard deviation of at most 2 tokens, along each axis 95% of the prior
     within +-4 tokens of the query on any grid; raise it for priors that should
     reach further); ``eps`` the smoothing
     inside the KL's logs; ``backend`` (see ``fod_kernels.available_backends()``);
