@@ -9,7 +9,10 @@ branch for ``correlation_attention``, two for the fused ``i2correlation``):
     (float64 for float64 inputs, else float32). ``kl`` is K = KL(P||T) + KL(T||P),
     ``ent`` is E, ``lse`` the softmax log-normaliser of the scaled scores, and
     ``r1``/``r2`` the row sums of spec section 3. Where ``need_stats[i]`` is
-    False the branch returns ``out`` and ``lse`` and four empty tensors.
+    False the branch returns ``out`` and ``lse`` and four empty tensors
+    (``need_stats`` is a list of bools here; the op schema carries it as
+    list[int], which torch.jit.trace can record). ``sigma`` is in the
+    statistics dtype: float32 while q, k, v are bfloat16/float16.
 
 ``bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses,
 rows, cols, scale, eps) -> list[Tensor]``
@@ -17,8 +20,14 @@ rows, cols, scale, eps) -> list[Tensor]``
     over the batch when the memory is batch-shared). ``dfull`` is
     <g_out, out> + g_kl_attn * r1 + g_ent * r2, precomputed here.
 
-``make_kernel_op`` wraps them as ``torch.library.custom_op``s with autograd,
-so ``torch.compile`` and the autograd engine see one op per pass.
+``make_kernel_op`` registers them as ``torch.library.custom_op``s with fake
+kernels (``torch.compile``, ``torch.export``), vmap rules that fold the
+vmapped dimension into the batch, and an autograd formula (the ``_bwd`` op),
+which torch.compile uses. Eager calls go through two
+``torch.autograd.Function``s written with ``setup_context`` (so ``torch.func``
+transforms see them) around the same two ops: forward-mode AD (jvp) and a
+second backward raise an error that names ``backend="reference"``, which
+supports them, instead of PyTorch's silent zero tangent (custom ops have no jvp).
 """
 from __future__ import annotations
 
@@ -29,6 +38,8 @@ import torch
 N_FWD = 6  # out, lse, kl, ent, r1, r2 per branch (kernel side)
 N_OUT = 7  # out, kl_attn, kl_prior, ent, lse, r1, r2 per branch (op side)
 N_BWD = 4  # dq, dk, dv, dsigma per branch
+# Backends whose kernels still read sigma in q's dtype (the kernel work will make them take float32 sigma).
+_SIGMA_IN_INPUT_DTYPE = ("cuda",)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +56,30 @@ def _fake_fwd(qs, ks, vs, sigmas, need_stats):
     return res
 
 
+def _split(tensors, n: int, parts: int):
+    return [list(tensors[j * n:(j + 1) * n]) for j in range(parts)]
+
+
+# vmap: the vmapped dimension (size V) is folded into the batch, (V, B, ...) -> (V*B, ...).
+def _front(x, d, V):
+    return x.movedim(d, 0) if d is not None else x.expand(V, *x.shape)
+
+
+def _fold(x, d, V, B):
+    x = _front(x, d, V)
+    return x.expand(V, B, *x.shape[2:]).reshape(V * B, *x.shape[2:])  # a batch-shared (1, ...) is expanded to B
+
+
+def _unfold(x, V):
+    return x.view(V, x.shape[0] // V, *x.shape[1:])
+
+
+def _refused(name: str, what: str) -> RuntimeError:
+    return RuntimeError(f"{what} is not supported by the fused {name!r} backend of fod_kernels (its kernels give "
+                        f"first-order reverse-mode gradients only); use backend=\"reference\", the pure-PyTorch "
+                        f"backend, which supports it")
+
+
 def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     """Register ``fod_kernels::<name>_fwd`` and ``<name>_bwd``; returns ``run``.
 
@@ -52,16 +87,23 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     (q, k, v, sigma) and returns, per branch, (out, kl_attn, kl_prior, entropy)
     with the gradient routes of spec section 2 (None stats where not needed).
     """
+    sigma_as_input = name in _SIGMA_IN_INPUT_DTYPE
+    jvp_msg = "forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad)"
+    dbl_msg = ("double backward (a gradient of a gradient: create_graph=True then backward again, "
+               "torch.func.grad of grad, hessian)")
 
     @torch.library.custom_op(f"fod_kernels::{name}_fwd", mutates_args=())
     def fwd_op(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],
                sigmas: list[torch.Tensor], rows: int, cols: int, scale: float, eps: float,
-               need_stats: list[bool]) -> list[torch.Tensor]:
-        raw = fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats)
+               need_stats: list[int]) -> list[torch.Tensor]:
+        sig = [s.to(q.dtype) for s, q in zip(sigmas, qs)] if sigma_as_input else sigmas
+        raw = fwd(qs, ks, vs, sig, rows, cols, scale, eps, [bool(x) for x in need_stats])
         res = []
-        for i in range(len(qs)):
+        for i, q in enumerate(qs):
             out, lse, kl, ent, r1, r2 = raw[N_FWD * i:N_FWD * (i + 1)]
-            res += [out, kl, kl.clone(), ent, lse, r1, r2]
+            sd = stats_dtype(q.dtype)
+            kl, ent, lse, r1, r2 = (t.to(sd) for t in (kl, ent, lse, r1, r2))
+            res += [out.to(q.dtype), kl, kl.clone(), ent, lse, r1, r2]
         return res
 
     @fwd_op.register_fake
@@ -69,60 +111,147 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
         return _fake_fwd(qs, ks, vs, sigmas, need_stats)
 
     @torch.library.custom_op(f"fod_kernels::{name}_bwd", mutates_args=())
-    def bwd_op(g_outs: list[torch.Tensor], g_kla: list[torch.Tensor], g_klp: list[torch.Tensor],
+    def bwd_op(g_outs: list[torch.Tensor], g_kl_attn: list[torch.Tensor], g_kl_prior: list[torch.Tensor],
                g_ents: list[torch.Tensor], dfulls: list[torch.Tensor], qs: list[torch.Tensor],
                ks: list[torch.Tensor], vs: list[torch.Tensor], sigmas: list[torch.Tensor],
                lses: list[torch.Tensor], rows: int, cols: int, scale: float,
                eps: float) -> list[torch.Tensor]:
-        return list(bwd(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps))
+        sig = [s.to(q.dtype) for s, q in zip(sigmas, qs)] if sigma_as_input else sigmas
+        res = list(bwd(g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sig, lses, rows, cols, scale, eps))
+        like = [t for i in range(len(qs)) for t in (qs[i], ks[i], vs[i], sigmas[i])]
+        return [r.to(x.dtype) for r, x in zip(res, like)]  # dsigma in sigma's dtype (float32 with bf16 q)
 
     @bwd_op.register_fake
-    def _(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    def _(g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
         res = []
         for q, k, v, s in zip(qs, ks, vs, sigmas):
             res += [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(s)]
         return res
 
-    def setup_context(ctx, inputs, output):
-        qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats = inputs
-        n = len(qs)
-        outs = [output[N_OUT * i] for i in range(n)]
-        lses = [output[N_OUT * i + 4] for i in range(n)]
-        r1s = [output[N_OUT * i + 5] for i in range(n)]
-        r2s = [output[N_OUT * i + 6] for i in range(n)]
-        ctx.save_for_backward(*qs, *ks, *vs, *sigmas, *outs, *lses, *r1s, *r2s)
-        ctx.meta = (n, rows, cols, scale, eps, list(need_stats))
+    @fwd_op.register_vmap
+    def _(info, in_dims, qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+        V = info.batch_size
+        dq, dk, dv, ds = in_dims[:4]
+        fq, fks, fvs, fs = [], [], [], []
+        for i, q in enumerate(qs):
+            B = _front(q, dq[i], V).shape[1]
+            fq.append(_fold(q, dq[i], V, B))
+            fs.append(_fold(sigmas[i], ds[i], V, B))
+            shared = dk[i] is None and dv[i] is None and ks[i].shape[0] == 1  # an unbatched memory stays shared
+            fks.append(ks[i] if shared else _fold(ks[i], dk[i], V, B))
+            fvs.append(vs[i] if shared else _fold(vs[i], dv[i], V, B))
+        res = fwd_op(fq, fks, fvs, fs, rows, cols, scale, eps, need_stats)
+        return [_unfold(r, V) if r.dim() > 1 else r for r in res], [0 if r.dim() > 1 else None for r in res]
 
-    def backward(ctx, grads):
+    @bwd_op.register_vmap
+    def _(info, in_dims, g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols,
+          scale, eps):
+        V = info.batch_size
+        lists = (g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses)
+        Bs = [_front(q, in_dims[5][i], V).shape[1] for i, q in enumerate(qs)]
+        folded = [[_fold(t, d, V, B) for t, d, B in zip(ts, ds, Bs)] for ts, ds in zip(lists, in_dims[:10])]
+        res = bwd_op(*folded, rows, cols, scale, eps)
+        out = []
+        for i in range(len(qs)):
+            dq, dk, dv, dsig = (_unfold(r, V) for r in res[N_BWD * i:N_BWD * (i + 1)])
+            if _front(ks[i], in_dims[6][i], V).shape[1] == 1:  # batch-shared memory: sum its gradient over B
+                dk, dv = dk.sum(1, keepdim=True), dv.sum(1, keepdim=True)
+            out += [dq, dk, dv, dsig]
+        return out, [0] * len(out)
+
+    def save(ctx, n, rows, cols, scale, eps, need_stats, tensors, output):
+        lses, r1s, r2s = output[4::N_OUT], output[5::N_OUT], output[6::N_OUT]
+        ctx.save_for_backward(*tensors, *output[0::N_OUT], *lses, *r1s, *r2s)
+        ctx.meta = (n, rows, cols, scale, eps, need_stats)
+
+    def backward_args(ctx, grads):
+        """The flat argument list of the _bwd op: upstream gradients (zeros for unused outputs), dfull, inputs, lse."""
         n, rows, cols, scale, eps, need_stats = ctx.meta
-        saved = ctx.saved_tensors
-        qs, ks, vs, sigmas, outs, lses, r1s, r2s = (list(saved[j * n:(j + 1) * n]) for j in range(8))
+        qs, ks, vs, sigmas, outs, lses, r1s, r2s = _split(ctx.saved_tensors, n, 8)
         g_outs, g_kla, g_klp, g_ents, dfulls = [], [], [], [], []
         for i in range(n):
             g_out, a, b, e = grads[N_OUT * i:N_OUT * i + 4]
-            sd = lses[i].dtype
-            shape = lses[i].shape
+            sd, shape = lses[i].dtype, lses[i].shape
+            zero = lambda: torch.zeros(shape, dtype=sd, device=outs[i].device)  # noqa: E731
             g_out = (torch.zeros_like(outs[i]) if g_out is None else g_out).contiguous()
             if need_stats[i]:
-                a, b, e = ((torch.zeros(shape, dtype=sd, device=g_out.device) if x is None else x.to(sd).contiguous())
-                           for x in (a, b, e))
+                a, b, e = (zero() if x is None else x.to(sd).contiguous() for x in (a, b, e))
                 dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1) + a * r1s[i] + e * r2s[i]
             else:
-                a = b = e = torch.zeros(shape, dtype=sd, device=g_out.device)
+                a, b, e = zero(), zero(), zero()
                 dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1)
             g_outs.append(g_out)
             g_kla.append(a)
             g_klp.append(b)
             g_ents.append(e)
             dfulls.append(dfull.contiguous())
-        res = bwd_op(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps)
+        return [*g_outs, *g_kla, *g_klp, *g_ents, *dfulls, *qs, *ks, *vs, *sigmas, *lses]
+
+    # Eager: two autograd.Functions with setup_context (torch.func sees them), refusing what the kernels lack.
+    class Backward(torch.autograd.Function):
+        """The _bwd op, differentiable once more only to say that it is not."""
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(n, rows, cols, scale, eps, *tensors):
+            return tuple(bwd_op(*_split(tensors, n, 10), rows, cols, scale, eps))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise _refused(name, dbl_msg)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise _refused(name, jvp_msg)
+
+    class Forward(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(n, rows, cols, scale, eps, need_stats, *tensors):
+            return tuple(fwd_op(*_split(tensors, n, 4), rows, cols, scale, eps, need_stats))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            n, rows, cols, scale, eps, need_stats, *tensors = inputs
+            ctx.mark_non_differentiable(*output[4::N_OUT], *output[5::N_OUT], *output[6::N_OUT])  # lse, r1, r2
+            ctx.set_materialize_grads(False)
+            save(ctx, n, rows, cols, scale, eps, need_stats, tensors, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            n, rows, cols, scale, eps, _ = ctx.meta
+            res = Backward.apply(n, rows, cols, scale, eps, *backward_args(ctx, grads))
+            return (None,) * 6 + tuple(res[N_BWD * i + j] for j in range(N_BWD) for i in range(n))
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise _refused(name, jvp_msg)
+
+    # torch.compile (Dynamo refuses an autograd.Function with a jvp) and torch.jit.trace (which would record the
+    # autograd.Function as an unsaveable Python call): the op's own autograd formula.
+    def op_setup_context(ctx, inputs, output):
+        qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats = inputs
+        save(ctx, len(qs), rows, cols, scale, eps, list(need_stats), [*qs, *ks, *vs, *sigmas], output)
+
+    def op_backward(ctx, grads):
+        n, rows, cols, scale, eps, _ = ctx.meta
+        res = bwd_op(*_split(backward_args(ctx, grads), n, 10), rows, cols, scale, eps)
         return res[0::N_BWD], res[1::N_BWD], res[2::N_BWD], res[3::N_BWD], None, None, None, None, None
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    fwd_op.register_autograd(op_backward, setup_context=op_setup_context)
 
     def run(branches, rows, cols, scale, eps, need_stats):
         qs, ks, vs, sigmas = ([b[j].contiguous() for b in branches] for j in range(4))
-        res = fwd_op(qs, ks, vs, sigmas, int(rows), int(cols), float(scale), float(eps), [bool(x) for x in need_stats])
+        args = (int(rows), int(cols), float(scale), float(eps), [int(bool(x)) for x in need_stats])
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the op itself, with its autograd formula
+            res = fwd_op(qs, ks, vs, sigmas, *args)
+        else:
+            res = Forward.apply(len(branches), *args, *qs, *ks, *vs, *sigmas)
         outs = []
         for i, need in enumerate(need_stats):
             out, kla, klp, ent = res[N_OUT * i:N_OUT * i + 4]
@@ -131,4 +260,5 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
 
     run.fwd_op = fwd_op
     run.bwd_op = bwd_op
+    run.autograd_function = Forward
     return run

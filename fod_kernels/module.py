@@ -5,33 +5,56 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from ._validate import parse_grid
 from .functional import i2correlation
 
 
-def sigma_from_logits(z: torch.Tensor) -> torch.Tensor:
-    """The reference parametrisation: sigma = 3 ** (sigmoid(5 z) + 1e-5) - 1, in (0, 2]."""
-    return torch.pow(3.0, torch.sigmoid(5.0 * z) + 1e-5) - 1.0
+def sigma_from_logits(z: torch.Tensor, sigma_max: float = 2.0) -> torch.Tensor:
+    """Prior widths in tokens from unbounded logits: sigma = (1 + sigma_max) ** (sigmoid(5 z) + 1e-5) - 1.
+
+    With the default sigma_max = 2 this is the reference parametrisation 3 ** (sigmoid(5 z) + 1e-5) - 1,
+    bit for bit. sigma is increasing in z, from (1 + sigma_max) ** 1e-5 - 1 (about 1e-5 * ln(1 + sigma_max)
+    tokens: a one-hot prior) to (1 + sigma_max) ** 1.00001 - 1 (sigma_max, exceeded by less than 5e-5
+    relative up to sigma_max = 100); z = 0 gives (1 + sigma_max) ** 0.50001 - 1 (0.73 tokens at the
+    default). Compute it in float32: in bfloat16, 3 ** 1e-5 rounds to 1 and sigma to 0.
+    """
+    return torch.pow(1.0 + sigma_max, torch.sigmoid(5.0 * z) + 1e-5) - 1.0
 
 
 class I2Correlation(nn.Module):
     """Intra- and inter-correlation with Gaussian priors, fused as ``intra - inter``.
 
-    ``forward(x, ref)``: x (B, L, d_model) image tokens on the ``grid``;
-    ref (1 or B, L, d_model) the embedded reference memory (batch 1 is shared
-    by the whole batch without copying). Returns ``(h, intra_stats, inter_stats)``
-    with h (B, L, d_model) and per-branch :class:`~fod_kernels.CorrelationStats`
-    of shape (B, H, L).
+    The layer of FOD (Yao et al., ICCV 2023) as a drop-in module: x attends to
+    itself (intra) and to a reference memory (inter), each attention row is
+    compared with a Gaussian prior centred on the query's own grid position,
+    and the output is ``intra_out - inter_out``. See :meth:`forward` for the
+    inputs and outputs, :func:`fod_kernels.correlation_attention` for the
+    formulas.
 
-    ``check_values=False`` skips the NaN/inf/sigma scans of the inputs (each costs a device
-    sync on GPU); shapes, dtypes and devices are always checked.
-
+    Arguments: ``grid`` (rows, cols) of ints, the token grid (tokens row-major:
+    token i at row i // cols, column i % cols, as a (B, C, rows, cols) feature
+    map's ``flatten(2).transpose(1, 2)``); ``d_head`` (default d_model //
+    n_heads); ``sigma_max`` the widest prior in tokens (default 2, the
+    reference's: a standard deviation of at most 2 tokens, along each axis 95% of the prior
+    within +-4 tokens of the query on any grid; raise it for priors that should
+    reach further); ``eps`` the smoothing
+    inside the KL's logs; ``backend`` (see ``fod_kernels.available_backends()``);
     ``out_proj=False`` reproduces the public FOD code, which computes each
-    branch's output projection and then discards it (spec section 6).
+    branch's output projection and then discards it (spec section 6);
+    ``check_values=False`` skips the NaN/inf/sigma scans of the inputs (each
+    costs a device sync on GPU); shapes, dtypes and devices are always checked.
+
+    Mixed precision: the widths sigma are always computed in float32 (their
+    logits too), also in a ``.bfloat16()``/``.half()`` module and under
+    ``torch.autocast``; q, k, v and the output take the module's (or
+    autocast's) dtype, the statistics are float32.
     """
 
     def __init__(self, d_model: int, n_heads: int, grid, *, d_head: int | None = None, eps: float = 1e-4,
-                 backend: str = "auto", out_proj: bool = True, bias: bool = True, check_values: bool = True):
+                 backend: str = "auto", out_proj: bool = True, bias: bool = True, check_values: bool = True,
+                 sigma_max: float = 2.0):
         super().__init__()
         if d_model <= 0 or n_heads <= 0:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model}, {n_heads}")
@@ -39,9 +62,12 @@ class I2Correlation(nn.Module):
             if d_model % n_heads:
                 raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pass d_head")
             d_head = d_model // n_heads
+        if not (isinstance(sigma_max, (int, float)) and math.isfinite(sigma_max) and sigma_max > 0):
+            raise ValueError(f"sigma_max must be a finite number of tokens > 0, got {sigma_max!r}")
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_head
-        self.grid = (int(grid[0]), int(grid[1]))
+        self.grid = parse_grid(grid)
         self.eps, self.backend, self.use_out_proj = eps, backend, out_proj
+        self.sigma_max = float(sigma_max)
         self.check_values = check_values  # NaN/inf and sigma > 0 scans: one device sync per tensor
         inner = n_heads * d_head
         self.intra_q = nn.Linear(d_model, inner, bias=bias)
@@ -62,28 +88,60 @@ class I2Correlation(nn.Module):
         B, L, _ = t.shape
         return t.view(B, L, self.n_heads, self.d_head).transpose(1, 2)
 
-    def _sigma(self, lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # (B, H, L, 2)
+    def _sigma(self, lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # (B, H, L, 2), float32 (float64 in float64)
         B, L, _ = x.shape
-        return sigma_from_logits(lin(x)).view(B, L, self.n_heads, 2).transpose(1, 2)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.linear(x.to(dt), lin.weight.to(dt), None if lin.bias is None else lin.bias.to(dt))
+        return sigma_from_logits(z, self.sigma_max).view(B, L, self.n_heads, 2).transpose(1, 2)
 
     def _merge(self, o: torch.Tensor) -> torch.Tensor:  # (B, H, L, Dh) -> (B, L, H*Dh)
         B, H, L, Dh = o.shape
         return o.transpose(1, 2).reshape(B, L, H * Dh)
 
-    def forward(self, x: torch.Tensor, ref: torch.Tensor, need_stats=(True, True)):
+    def forward(self, x: torch.Tensor, ref: torch.Tensor, need_stats=(True, True), *,
+                key_padding_mask: torch.Tensor | None = None, key_padding_mask_ref: torch.Tensor | None = None):
+        """``(h, intra_stats, inter_stats) = layer(x, ref)``.
+
+        x (B, L, d_model): the image's tokens, L = rows * cols, row-major on
+        the grid. ref (1 or B, S, d_model): the embedded reference memory,
+        S = m * L for m reference images on the same grid (m = 1 usual); a
+        batch-1 memory is shared by the whole batch without copying.
+
+        Returns h (B, L, d_model) = intra_out - inter_out, and for each branch
+        a :class:`~fod_kernels.CorrelationStats` of (B, H, L) float32 tensors
+        (None for a branch whose ``need_stats`` entry is False, the inference
+        path): ``kl_attn`` and ``kl_prior`` hold the same symmetric KL K
+        between the attention rows and the Gaussian priors, with gradients to
+        the attention (q, k projections) only and to the widths (sigma
+        projection) only respectively; ``entropy`` is the attention rows'
+        entropy. ``kl_attn + kl_prior - kl_attn.detach()`` is K with its full
+        gradient. FOD's loss (per branch, means over batch and tokens) is
+        ``rec + l1 * (K_intra.kl_prior - K_inter.kl_prior)
+        - l1 * (K_intra.kl_attn - K_inter.kl_attn) - l2 * (E_intra - E_inter)``:
+        a minimax that is right for FOD's anomaly scores, not a regulariser
+        for any model (see the README).
+
+        ``key_padding_mask`` (1 or B, L) and ``key_padding_mask_ref`` (1 or B,
+        S), bool, True = ignore that key, mask the intra and inter branch's
+        keys ('reference' backend only so far).
+        """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, L, {self.d_model}), got {tuple(x.shape)}")
-        if ref.dim() != 3 or ref.shape[-1] != self.d_model or ref.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"ref must be (1 or {x.shape[0]}, L, {self.d_model}), got {tuple(ref.shape)}")
+        if ref.dim() != 3 or ref.shape[-1] != self.d_model or (ref.shape[0] != 1 and ref.shape[0] != x.shape[0]):
+            raise ValueError(f"ref must be (1 or {x.shape[0]}, S, {self.d_model}), got {tuple(ref.shape)}")
         L = self.grid[0] * self.grid[1]
-        if x.shape[1] != L or ref.shape[1] != L:
-            raise ValueError(f"grid {self.grid} has {L} tokens; x has {x.shape[1]}, ref has {ref.shape[1]}")
+        if x.shape[1] != L or ref.shape[1] % L != 0:
+            raise ValueError(f"grid (rows, cols) = {self.grid} has {L} tokens (row-major); x must have L={L} "
+                             f"tokens and ref a multiple of {L} (m images on the grid); x has {x.shape[1]}, "
+                             f"ref has {ref.shape[1]}")
         oi, oe, si, se = i2correlation(
             self._heads(self.intra_q(x)), self._heads(self.intra_k(x)), self._heads(self.intra_v(x)),
             self._sigma(self.intra_sigma, x),
             self._heads(self.inter_q(x)), self._heads(self.inter_k(ref)), self._heads(self.inter_v(ref)),
             self._sigma(self.inter_sigma, x),
-            self.grid, eps=self.eps, backend=self.backend, need_stats=need_stats, check_values=self.check_values)
+            self.grid, eps=self.eps, backend=self.backend, need_stats=need_stats, check_values=self.check_values,
+            key_padding_mask=key_padding_mask, key_padding_mask_ref=key_padding_mask_ref)
         oi, oe = self._merge(oi), self._merge(oe)
         if self.use_out_proj:
             oi, oe = self.intra_out(oi), self.inter_out(oe)
@@ -91,4 +149,4 @@ class I2Correlation(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, d_head={self.d_head}, grid={self.grid}, "
-                f"eps={self.eps}, backend={self.backend!r}, out_proj={self.use_out_proj}")
+                f"sigma_max={self.sigma_max}, eps={self.eps}, backend={self.backend!r}, out_proj={self.use_out_proj}")
