@@ -151,9 +151,14 @@ def resolve_config(args, demo: bool = False) -> CF.Config:
     """Config from (lowest to highest) the defaults, the demo's defaults, --config FILE, the command line."""
     given = _given(args)
     values = dict(CF.DEMO_DEFAULTS) if demo else {}
-    if getattr(args, "config", None):
-        values.update(CF.load_toml(args.config))
+    from_file = CF.load_toml(args.config) if getattr(args, "config", None) else {}
+    values.update(from_file)
     values.update(given)
+    taken = CF.apply_compat_defaults(values, set(given) | set(from_file))
+    if taken:
+        from .report import say
+        say("fod: --compat-official: the official code's " + ", ".join(f"{k} {v}" for k, v in taken.items())
+            + " (give them explicitly to override)")
     if demo and "weights" in given:
         values["pretrained"] = True  # the weights file is the ImageNet substitute
     if demo and given.get("backbone", CF.DEMO_DEFAULTS["backbone"]) != CF.DEMO_DEFAULTS["backbone"]:
