@@ -154,6 +154,10 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
     run = Path(run)
     name = run.name
     (run / ERROR_FILE).unlink(missing_ok=True)
+    done = _read_json(run / "metrics.json").get("epochs") if (run / "metrics.json").is_file() else None
+    if not overwrite and done is not None and done > cfg.epochs:
+        raise ValueError(f"{run} was trained for {done} epochs, more than --epochs {cfg.epochs}; use --overwrite "
+                         "or another --output")
     if overwrite or not _finished(run, cfg):
         resume = not overwrite and (run / "checkpoint.pt").is_file()
         log(f"fod benchmark: {name}: " + ("resuming from its checkpoint" if resume else "training"))

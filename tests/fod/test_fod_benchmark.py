@@ -117,6 +117,14 @@ def test_rerun_skips_finished_categories_and_recomputes_baselines_for_new_option
         assert after[c]["baselines"]["rec"] == before[c]["baselines"]["rec"]
     assert after["bad"]["status"] == "failed"
 
+    # fewer epochs than a finished category was trained for: that category fails, nothing is relabelled
+    assert main(["benchmark", "--data", str(root), "--output", str(out), *TINY, "--epochs", "0",
+                 "--categories", "a"]) == 1
+    assert "trained for 1 epochs, more than --epochs 0" in json.loads((out / "results.json").read_text())[0]["error"]
+    assert json.loads((out / "a" / "metrics.json").read_text())["epochs"] == 1
+    assert main(["benchmark", "--data", str(root), "--output", str(out), *TINY, "--epochs", "1",
+                 "--knn-coreset", "0.5", "--categories", "a"]) == 0 and not (out / "a" / "error.txt").exists()
+
     # another configuration in the same output folder is refused, naming the difference
     assert main(["benchmark", "--data", str(root), "--output", str(out), *TINY, "--epochs", "1", "--lr", "0.5",
                  "--categories", "a"]) == 2
