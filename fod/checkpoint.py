@@ -68,7 +68,8 @@ def load_raw(path) -> dict:
 
 
 def config_of(ck: dict, path="checkpoint") -> Config:
-    return from_dict(ck["config"], where=str(path))
+    # checkpoints written before the embedding bias became an option had embeddings without one
+    return from_dict({"embed_bias": False, **ck["config"]}, where=str(path))
 
 
 def backbone_from_checkpoint(ck: dict) -> Backbone:

@@ -27,6 +27,7 @@ Your data:    fod train --data mvtec/bottle --output runs/bottle
 Re-evaluate:  fod test --data mvtec/bottle --checkpoint runs/bottle/checkpoint.pt --output runs/bottle-test
 New images:   fod predict --checkpoint runs/bottle/checkpoint.pt img1.png img2.png --output preds
 Reproduce:    fod train --config runs/bottle/config.toml --output runs/bottle-again
+Benchmark:    fod benchmark --data mvtec --dataset mvtec --output runs/mvtec [--devices cuda:0,cuda:1]
 """
 
 DEMO_DEFAULTS = CF.DEMO_DEFAULTS  # public name, kept
@@ -139,6 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=60, help="synthetic training images (default 60)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     add_config_options(p, demo=True)
+
+    p = sub.add_parser("benchmark", help="train and evaluate every category of a dataset, with baselines",
+                       description="Train and evaluate every category under ROOT with one configuration (a run "
+                                   "folder per category under OUTPUT), compute the baselines (knn, memory_distance) "
+                                   "and FOD's ablations (rec, inter, rec_x_inter) on the same features, and write "
+                                   "OUTPUT/results.json, results.csv, results.md and a bar chart per metric. "
+                                   "Resumable: rerun the same command to skip finished categories and resume an "
+                                   "interrupted one. Exit code 0 if every category succeeded, 1 if some failed.")
+    p.add_argument("--data", dest="root", required=True, metavar="ROOT",
+                   help="dataset root holding the categories, e.g. mvtec_anomaly_detection")
+    p.add_argument("--dataset", dest=_dest("dataset"), default="mvtec", choices=CF.LAYOUTS,
+                   help="dataset (its standard categories and layout; default mvtec)")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--categories", default=None, metavar="A,B,...",
+                   help="only these categories (default: the dataset's standard categories found under ROOT, or "
+                        "every sub-folder with the layout's training folder)")
+    p.add_argument("--devices", default=None, metavar="D1,D2,...",
+                   help="run categories concurrently, one process per device, e.g. cuda:0,cuda:1 (default: "
+                        "--device, in this process)")
+    p.add_argument("--knn-coreset", type=float, default=1.0, metavar="RATIO",
+                   help="knn baseline: keep this fraction of the training tokens (greedy coreset; default 1: all)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a TOML configuration for every category; options given here win")
+    p.add_argument("--overwrite", action="store_true", help="start every category over, replacing earlier results")
+    add_config_options(p)
     return ap
 
 
@@ -151,9 +177,14 @@ def resolve_config(args, demo: bool = False) -> CF.Config:
     """Config from (lowest to highest) the defaults, the demo's defaults, --config FILE, the command line."""
     given = _given(args)
     values = dict(CF.DEMO_DEFAULTS) if demo else {}
-    if getattr(args, "config", None):
-        values.update(CF.load_toml(args.config))
+    from_file = CF.load_toml(args.config) if getattr(args, "config", None) else {}
+    values.update(from_file)
     values.update(given)
+    taken = CF.apply_compat_defaults(values, set(given) | set(from_file))
+    if taken:
+        from .report import say
+        say("fod: --compat-official: the official code's " + ", ".join(f"{k} {v}" for k, v in taken.items())
+            + " (give them explicitly to override)")
     if demo and "weights" in given:
         values["pretrained"] = True  # the weights file is the ImageNet substitute
     if demo and given.get("backbone", CF.DEMO_DEFAULTS["backbone"]) != CF.DEMO_DEFAULTS["backbone"]:
@@ -184,10 +215,24 @@ def main(argv=None) -> int:
                 predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
         elif args.command == "demo":
             return demo(args)
+        elif args.command == "benchmark":
+            return benchmark(args, argv)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"fod {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def benchmark(args, argv=None) -> int:
+    import shlex
+
+    from . import benchmark as B
+    args.cfg_data = args.root
+    cfg = resolve_config(args)
+    rows = B.benchmark(cfg, args.root, cfg.dataset, args.output, categories=B.parse_list(args.categories),
+                       devices=B.parse_list(args.devices), coreset=args.knn_coreset, overwrite=args.overwrite,
+                       command="fod " + shlex.join(sys.argv[1:] if argv is None else argv))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def demo(args) -> int:

@@ -19,7 +19,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-LAYOUTS = ("mvtec", "btad", "mvtec3d")
+LAYOUTS = ("mvtec", "btad", "mvtec3d", "visa")
 RUN_OPTIONS = "run"      # execution options: every command has them
 MODEL_OPTIONS = "model"  # what defines a trained model: train and demo
 
@@ -55,6 +55,15 @@ class Config:
     n_heads: int = field(default=8, metadata=opt("attention heads", flag="--heads"))
     n_layers: int = field(default=3, metadata=opt("encoder layers", flag="--layers"))
     eps: float = field(default=1e-4, metadata=opt("smoothing constant inside the KL and entropy logs"))
+    with_intra: bool = field(default=True, metadata=opt(
+        "train without the intra-correlation branch (ablation; the official code's with_intra): each layer is "
+        "h = x + inter, no intra loss terms", flag="--no-intra"))
+    with_inter: bool = field(default=True, metadata=opt(
+        "train without the inter-correlation branch (ablation; the official code's with_inter): each layer is "
+        "h = x + intra, no inter loss terms, score rec x softmax(-K_intra); with --no-intra too: plain "
+        "self-attention reconstruction, score rec only", flag="--no-inter"))
+    embed_bias: bool = field(default=True, metadata=opt(
+        "1x1 token and reference embeddings without a bias (the official Conv1d has one)", flag="--no-embed-bias"))
     device: str = field(default="cpu", metadata=opt("cpu, cuda or cuda:N", group=RUN_OPTIONS))
     backend: str = field(default="auto", metadata=opt(
         "I2Correlation kernel backend; auto picks the fastest available one for the device", group=RUN_OPTIONS))
@@ -62,7 +71,7 @@ class Config:
     amp: bool = field(default=False, metadata=opt("bf16 autocast (CUDA only)", group=RUN_OPTIONS))
     compat_official: bool = field(default=False, metadata=opt(
         "reproduce the public code: discard the output projection and pick the best epochs ON THE TEST SET "
-        "(optimistic numbers, flagged in the output)"))
+        "(optimistic numbers, flagged in the output); also its batch size 1 and seed 3407 unless given"))
     cache_features: bool = field(default=True, metadata=opt(
         "recompute backbone features every epoch instead of keeping them in memory", flag="--no-cache-features"))
     num_workers: int = field(default=0, metadata=opt("data-loading worker processes", flag="--workers",
@@ -87,6 +96,18 @@ DEMO_DEFAULTS = dict(backbone="resnet18", levels=["layer2"], pretrained=False, i
                      epochs=10, batch_size=8, lr=5e-4, d_model=[64], n_heads=4, n_layers=2)
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# The public code's defaults that differ from ours; --compat-official takes them unless given explicitly.
+OFFICIAL_DEFAULTS = dict(batch_size=1, seed=3407)
+
+
+def apply_compat_defaults(values: dict, explicit) -> dict:
+    """With compat_official, set OFFICIAL_DEFAULTS in ``values`` for the keys not in ``explicit``; returns those set."""
+    if not values.get("compat_official"):
+        return {}
+    taken = {k: v for k, v in OFFICIAL_DEFAULTS.items() if k not in explicit}
+    values.update(taken)
+    return taken
 
 
 def field_type(name: str):

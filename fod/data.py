@@ -1,4 +1,4 @@
-"""Datasets in the MVTec AD, BTAD and MVTec 3D-AD (RGB) layouts.
+"""Datasets in the MVTec AD, BTAD, MVTec 3D-AD (RGB) and VisA (split CSV) layouts.
 
 Each dataset lists (image path, defect type, mask path or None) triples at
 construction, so a missing mask or an empty split fails at once with the file
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-LAYOUTS = ("mvtec", "btad", "mvtec3d")
+LAYOUTS = ("mvtec", "btad", "mvtec3d", "visa")
 
 
 class Sample(NamedTuple):
@@ -64,6 +64,8 @@ def list_samples(root, split: str, layout: str = "mvtec") -> list[Sample]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     _require_dir(root, "dataset")
+    if layout == "visa":
+        return _visa_samples(root, split)
     if layout == "mvtec":
         if split == "train":
             d = _require_dir(root / "train" / "good", "training (train/good)")
@@ -101,6 +103,44 @@ def list_samples(root, split: str, layout: str = "mvtec") -> list[Sample]:
     return _nonempty(out, "test", test)
 
 
+VISA_SPLIT = Path("split_csv") / "1cls.csv"
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+
+
+def _visa_samples(root: Path, split: str) -> list[Sample]:
+    """VisA: the category is ``root`` (e.g. VisA/candle); its split is the rows of ROOT/split_csv/1cls.csv
+    (columns object,split,label,image,mask; paths relative to ROOT) whose object is the category's name.
+    Labels: "normal" or "anomaly" (the defect type is then "anomaly"); anomalies need a mask."""
+    import csv
+    base, csv_path = root.parent, root.parent / VISA_SPLIT
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"VisA split file not found: {csv_path} (the VisA layout reads the category's "
+                                f"images from ROOT/{VISA_SPLIT.as_posix()}, ROOT being the parent of {root})")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(VISA_COLUMNS)}")
+        rows = [(i, r) for i, r in enumerate(reader, start=2) if r["object"] == root.name and r["split"] == split]
+    out = []
+    for line, r in rows:
+        label = r["label"].strip().lower()
+        if label not in ("normal", "anomaly"):
+            raise ValueError(f"{csv_path} line {line}: label must be 'normal' or 'anomaly', got {r['label']!r}")
+        img = base / r["image"]
+        if not img.is_file():
+            raise FileNotFoundError(f"{csv_path} line {line}: image not found: {img}")
+        mask = None
+        if label == "anomaly":
+            if not r["mask"].strip():
+                raise FileNotFoundError(f"{csv_path} line {line}: missing ground-truth mask for {img}")
+            mask = base / r["mask"]
+            if not mask.is_file():
+                raise FileNotFoundError(f"missing ground-truth mask for {img}: expected {mask}")
+        out.append(Sample(img, "good" if label == "normal" else "anomaly", mask))
+    return _nonempty(out, split, csv_path)
+
+
 def _read(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as im:
@@ -126,9 +166,9 @@ def load_image(path, image_size: int = 256, resize: Optional[int] = None) -> tor
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def load_mask(path, image_size: int = 256, resize: Optional[int] = None) -> torch.Tensor:
+def load_mask(path, image_size: int = 256, resize: Optional[int] = None, threshold: int = 127) -> torch.Tensor:
     im = _geometry(_read(Path(path), "L"), resize or image_size, image_size, Image.NEAREST)
-    return torch.from_numpy(np.asarray(im) > 127)
+    return torch.from_numpy(np.asarray(im) > threshold)
 
 
 def denormalize(img: torch.Tensor) -> np.ndarray:
@@ -143,6 +183,7 @@ class AnomalyDataset(Dataset):
     def __init__(self, root, split: str, layout: str = "mvtec", image_size: int = 256,
                  resize: Optional[int] = None):
         self.samples = list_samples(root, split, layout)
+        self.mask_threshold = 0 if layout == "visa" else 127  # VisA's masks hold small labels, not 255
         self.image_size, self.resize = image_size, resize or image_size
         if self.resize < image_size:
             raise ValueError(f"resize ({self.resize}) must be >= image_size ({image_size})")
@@ -156,6 +197,6 @@ class AnomalyDataset(Dataset):
         if s.mask is None:
             mask = torch.zeros(self.image_size, self.image_size, dtype=torch.bool)
         else:
-            mask = load_mask(s.mask, self.image_size, self.resize)
+            mask = load_mask(s.mask, self.image_size, self.resize, self.mask_threshold)
         return {"image": img, "mask": mask, "label": int(s.defect != "good"), "defect": s.defect,
                 "path": str(s.image)}

@@ -64,7 +64,7 @@ def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str
     res = evaluate(fod, ds, cfg, device)
     metrics = public_metrics(res)
     metrics.update(protocol="evaluation of a saved checkpoint", checkpoint=str(checkpoint), data=str(data),
-                   weights=fod.backbone.weights_source, backend=fod.backend,
+                   weights=fod.backbone.weights_source, backend=fod.backend, score=fod.score_description,
                    config=to_dict(cfg), versions=R.versions(fod.backend))
     R.write_outputs(out, cfg=cfg, ds=ds, res=res, metrics=metrics, history=fod.checkpoint.get("history", []),
                     heatmaps=heatmaps, title_extra=" (fod test)", log=log)

@@ -3,14 +3,21 @@ the loss, the token scores, and the ``FOD`` bundle (backbone + level models + re
 
 Tokens: the backbone's (C, Hg, Wg) feature map flattened row-major to
 (L = Hg*Wg, C). Both the image tokens and the reference memory are embedded by
-a 1x1 projection (kaiming-normal, fan-in, leaky-relu gain, no bias) plus a
-fixed 2-D sine-cosine position embedding. Each encoder layer is
+a 1x1 projection (kaiming-normal, fan-in, leaky-relu gain; with a bias as the
+official Conv1d unless ``embed_bias=False``) plus a fixed 2-D sine-cosine
+position embedding. Each encoder layer is
 
     h = intra - inter                 (fod_kernels.I2Correlation)
     y = x = norm1(h)
     out = norm2(x + mlp(y))           (mlp: d -> 4d -> d, GELU)
 
 and the encoder ends with a LayerNorm and a Linear back to C channels.
+
+Branch ablations (``--no-intra`` / ``--no-inter``, the official code's with_intra / with_inter):
+with one branch a layer is ``h = x + branch`` and only that branch's loss terms are trained; the
+token score is rec * inter_score with the inter branch, rec * softmax_L(-K_intra) with the intra
+branch only (the official code's choice), and rec alone with neither branch (then each layer is
+plain self-attention, ``h = x + attention``, as in the official code).
 """
 from __future__ import annotations
 
@@ -47,9 +54,9 @@ def sincos_2d(d_model: int, rows: int, cols: int) -> torch.Tensor:
 
 
 class Embedding(nn.Module):
-    def __init__(self, in_ch: int, d_model: int, grid):
+    def __init__(self, in_ch: int, d_model: int, grid, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(in_ch, d_model, bias=False)  # the 1x1 projection
+        self.proj = nn.Linear(in_ch, d_model, bias=bias)  # the 1x1 projection (official: Conv1d with a bias)
         nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="leaky_relu")
         self.register_buffer("pos", sincos_2d(d_model, *grid), persistent=False)
 
@@ -58,9 +65,11 @@ class Embedding(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, grid, *, backend: str, out_proj: bool, eps: float = 1e-4):
+    def __init__(self, d_model: int, n_heads: int, grid, *, backend: str, out_proj: bool, eps: float = 1e-4,
+                 branches=("intra", "inter")):
         super().__init__()
-        self.attn = I2Correlation(d_model, n_heads, grid, eps=eps, backend=backend, out_proj=out_proj)
+        self.attn = I2Correlation(d_model, n_heads, grid, eps=eps, backend=backend, out_proj=out_proj,
+                                  branches=branches or ("intra",))  # no branch: plain self-attention
         self.norm1 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.norm2 = nn.LayerNorm(d_model)
@@ -72,16 +81,23 @@ class EncoderLayer(nn.Module):
 
 
 class LevelModel(nn.Module):
-    """``forward(feat (B,L,C), memory (L,C)) -> (recon (B,L,C), [intra stats], [inter stats])`` per layer."""
+    """``forward(feat (B,L,C), memory (L,C)) -> (recon (B,L,C), [intra stats], [inter stats])`` per layer.
+
+    ``branches``: the trained correlation branches (a subset of ("intra", "inter")); the stats list of a
+    branch that is not trained is None. Without "inter" there is no reference embedding and ``memory``
+    is not used."""
 
     def __init__(self, in_ch: int, grid, d_model: int = 256, n_heads: int = 8, n_layers: int = 3, *,
-                 backend: str = "auto", out_proj: bool = True, eps: float = 1e-4):
+                 backend: str = "auto", out_proj: bool = True, eps: float = 1e-4, branches=("intra", "inter"),
+                 embed_bias: bool = True):
         super().__init__()
         self.grid = (int(grid[0]), int(grid[1]))
-        self.embed = Embedding(in_ch, d_model, self.grid)
-        self.embed_ref = Embedding(in_ch, d_model, self.grid)
+        self.branches = tuple(branches)
+        self.embed = Embedding(in_ch, d_model, self.grid, embed_bias)
+        if "inter" in self.branches:
+            self.embed_ref = Embedding(in_ch, d_model, self.grid, embed_bias)
         self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, self.grid, backend=backend, out_proj=out_proj,
-                                                 eps=eps) for _ in range(n_layers))
+                                                 eps=eps, branches=self.branches) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, in_ch)
 
@@ -89,17 +105,25 @@ class LevelModel(nn.Module):
         for layer in self.layers:
             layer.attn.backend = backend
 
+    @property
+    def score_stats(self) -> tuple:
+        """need_stats for scoring: the inter stats if there is that branch, else the intra stats if any."""
+        return ("inter" not in self.branches and "intra" in self.branches, "inter" in self.branches)
+
     def forward(self, feat: torch.Tensor, memory: torch.Tensor, need_stats=(True, True)):
-        if memory.dim() == 2:
-            memory = memory.unsqueeze(0)  # a batch-1 memory, shared by the batch without copying
+        need = (need_stats[0] and "intra" in self.branches, need_stats[1] and "inter" in self.branches)
         x = self.embed(feat)
-        ref = self.embed_ref(memory)
+        ref = None
+        if "inter" in self.branches:
+            if memory.dim() == 2:
+                memory = memory.unsqueeze(0)  # a batch-1 memory, shared by the batch without copying
+            ref = self.embed_ref(memory)
         intra, inter = [], []
         for layer in self.layers:
-            x, si, se = layer(x, ref, need_stats)
+            x, si, se = layer(x, ref, need)
             intra.append(si)
             inter.append(se)
-        return self.head(self.norm(x)), intra, inter
+        return self.head(self.norm(x)), intra if need[0] else None, inter if need[1] else None
 
 
 def default_d_model(L: int) -> int:
@@ -122,22 +146,63 @@ def fod_loss(out, x, intra, inter, lambda1: float = 0.5, lambda2: float = 0.5):
     loss1 (sigma only) + loss2 (q, k only) =
     2 rec + l1 K_intra|prior - l1 K_inter|prior - l1 K_intra|attn - l2 E_intra + l1 K_inter|attn + l2 E_inter,
     with K, E averaged over layers, heads, batch and tokens. Returns (loss, parts dict of floats).
+    A branch that is not trained (its stats None) drops its terms, as the official code's with_intra /
+    with_inter; with neither, the official code takes one backward of rec: the loss is rec, and the
+    parts of a missing branch are NaN.
     """
     rec = reconstruction_loss(out, x)
-    ki_a, ki_p, ei = (_mean_stat(intra, f) for f in ("kl_attn", "kl_prior", "entropy"))
-    ke_a, ke_p, ee = (_mean_stat(inter, f) for f in ("kl_attn", "kl_prior", "entropy"))
-    loss = (2 * rec + lambda1 * ki_p - lambda1 * ke_p
-            - lambda1 * ki_a - lambda2 * ei + lambda1 * ke_a + lambda2 * ee)
-    return loss, {"rec": rec.detach(), "k_intra": ki_a.detach(), "k_inter": ke_a.detach()}
+    nan = torch.tensor(float("nan"))
+    parts = {"rec": rec.detach(), "k_intra": nan, "k_inter": nan}
+    if intra is None and inter is None:
+        return rec, parts
+    loss = 2 * rec
+    if intra is not None:
+        ki_a, ki_p, ei = (_mean_stat(intra, f) for f in ("kl_attn", "kl_prior", "entropy"))
+        loss = loss + lambda1 * ki_p - lambda1 * ki_a - lambda2 * ei
+        parts["k_intra"] = ki_a.detach()
+    if inter is not None:
+        ke_a, ke_p, ee = (_mean_stat(inter, f) for f in ("kl_attn", "kl_prior", "entropy"))
+        loss = loss - lambda1 * ke_p + lambda1 * ke_a + lambda2 * ee
+        parts["k_inter"] = ke_a.detach()
+    return loss, parts
 
 
-def token_scores(out: torch.Tensor, x: torch.Tensor, inter) -> torch.Tensor:
-    """Per-token anomaly score (B, L): rec_score * inter_score (spec section 5)."""
-    rec = torch.mean((out - x) ** 2, dim=-1) + 1 - torch.cosine_similarity(out, x, dim=-1)
-    k = torch.stack([s.kl_attn for s in inter]).mean(dim=(0, 2))  # mean over layers and heads -> (B, L)
-    att = torch.softmax(-k, dim=-1)
-    inter_score = att.max(dim=-1, keepdim=True).values - att
-    return rec * inter_score
+def rec_score(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, L): mean_c (out - x)^2 + 1 - cos(out, x)."""
+    return torch.mean((out - x) ** 2, dim=-1) + 1 - torch.cosine_similarity(out, x, dim=-1)
+
+
+def _softmax_neg_k(stats) -> torch.Tensor:
+    k = torch.stack([s.kl_attn for s in stats]).mean(dim=(0, 2))  # mean over layers and heads -> (B, L)
+    return torch.softmax(-k, dim=-1)
+
+
+def inter_score(inter) -> torch.Tensor:
+    """(B, L): max - softmax over the tokens of -K_inter (high where the image departs from the memory)."""
+    att = _softmax_neg_k(inter)
+    return att.max(dim=-1, keepdim=True).values - att
+
+
+def intra_score(intra) -> torch.Tensor:
+    """(B, L): softmax over the tokens of -K_intra (the official code's score without the inter branch)."""
+    return _softmax_neg_k(intra)
+
+
+def token_scores(out: torch.Tensor, x: torch.Tensor, inter, intra=None) -> torch.Tensor:
+    """Per-token anomaly score (B, L): rec_score * inter_score (spec section 5); without inter stats,
+    rec_score * intra_score if intra stats are given, else rec_score alone."""
+    rec = rec_score(out, x)
+    if inter is not None:
+        return rec * inter_score(inter)
+    if intra is not None:
+        return rec * intra_score(intra)
+    return rec
+
+
+SCORES = {("intra", "inter"): "rec x inter: rec_score * (max - softmax_L(-K_inter))",
+          ("inter",): "rec x inter: rec_score * (max - softmax_L(-K_inter)) (no intra branch)",
+          ("intra",): "rec x intra: rec_score * softmax_L(-K_intra) (no inter branch; the official code's score)",
+          (): "rec only: rec_score (neither branch)"}
 
 
 # ----------------------------------------------------------------------------- the model bundle
@@ -160,9 +225,10 @@ class FOD(nn.Module):
         if len(dms) != len(self.grids):
             raise ValueError(f"--d-model gives {len(dms)} widths for {len(self.grids)} levels")
         self.d_models = list(dms)
+        self.branches = tuple(b for b, on in (("intra", cfg.with_intra), ("inter", cfg.with_inter)) if on)
         self.models = nn.ModuleList(
             LevelModel(c, g, d, cfg.n_heads, cfg.n_layers, backend=cfg.backend, out_proj=not cfg.compat_official,
-                       eps=cfg.eps)
+                       eps=cfg.eps, branches=self.branches, embed_bias=cfg.embed_bias)
             for c, g, d in zip(backbone.channels, self.grids, dms))
         self.memories = list(memories) if memories is not None else None
 
@@ -186,18 +252,39 @@ class FOD(nn.Module):
         """Backbone features as tokens: [(B, L, C)] per level."""
         return [f.flatten(2).transpose(1, 2).contiguous() for f in self.backbone(images)]
 
+    @property
+    def score_description(self) -> str:
+        return SCORES[self.branches]
+
+    @torch.no_grad()
+    def score_parts(self, feats, amp: bool = False) -> list[dict]:
+        """Per level, the token-level parts of the score, each (B, L): "rec", "inter" or "intra" (the
+        branch that scores), and "score" (their product, token_scores)."""
+        parts = []
+        for feat, model, mem in zip(feats, self.models, self.memories):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out, intra, inter = model(feat, mem, need_stats=model.score_stats)
+            intra, inter = ([type(t)(*(x.float() for x in t)) for t in st] if st is not None else None
+                            for st in (intra, inter))
+            out = out.float()
+            p = {"rec": rec_score(out, feat), "score": token_scores(out, feat, inter, intra)}
+            if inter is not None:
+                p["inter"] = inter_score(inter)
+            elif intra is not None:
+                p["intra"] = intra_score(intra)
+            parts.append(p)
+        return parts
+
+    def upsample_mean(self, level_scores, size) -> torch.Tensor:
+        """(B, S, S): token scores [(B, L)] per level upsampled bilinearly (align_corners) and averaged."""
+        return torch.stack([F.interpolate(s.reshape(-1, 1, *g), size=size, mode="bilinear", align_corners=True)[:, 0]
+                            for s, g in zip(level_scores, self.grids)]).mean(0)
+
     @torch.no_grad()
     def anomaly_maps(self, images: torch.Tensor, amp: bool = False) -> torch.Tensor:
-        """(B, S, S) anomaly maps: per level rec_score * inter_score, upsampled, averaged over levels."""
-        size = images.shape[-2:]
-        maps = []
-        for feat, model, mem, g in zip(self.tokens(images), self.models, self.memories, self.grids):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out, _, inter = model(feat, mem, need_stats=(False, True))
-            s = token_scores(out.float(), feat, [type(t)(*(x.float() for x in t)) for t in inter])
-            s = s.view(-1, 1, *g)
-            maps.append(F.interpolate(s, size=size, mode="bilinear", align_corners=True)[:, 0])
-        return torch.stack(maps).mean(0)
+        """(B, S, S) anomaly maps: per level the token score (rec_score * inter_score), upsampled, averaged."""
+        parts = self.score_parts(self.tokens(images), amp)
+        return self.upsample_mean([p["score"] for p in parts], images.shape[-2:])
 
 
 def loader(ds, cfg: Config, batch_size: int):

@@ -138,7 +138,7 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
     metrics.update(protocol="honest: trained the configured epochs, final model evaluated once",
                    epochs=cfg.epochs, train_seconds=train_seconds,
                    train_seconds_per_epoch=train_seconds / max(1, len(history)) if history else None,
-                   weights=backbone.weights_source, backend=backend, config=to_dict(cfg),
+                   weights=backbone.weights_source, backend=backend, config=to_dict(cfg), score=fod.score_description,
                    versions=R.versions(backend), history=history)
     if cfg.compat_official and compat["epochs"]:
         bi = max(compat["epochs"], key=lambda e: e["image_auroc"])

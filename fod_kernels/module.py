@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._validate import parse_grid
-from .functional import i2correlation
+from .functional import correlation_attention, i2correlation
 
 
 def sigma_from_logits(z: torch.Tensor, sigma_max: float = 2.0) -> torch.Tensor:
@@ -50,12 +50,22 @@ class I2Correlation(nn.Module):
     logits too), also in a ``.bfloat16()``/``.half()`` module and under
     ``torch.autocast``; q, k, v and the output take the module's (or
     autocast's) dtype, the statistics are float32.
+
+    ``branches`` selects the branches, as the public code's ``with_intra`` /
+    ``with_inter``: with both, ``h = intra - inter`` (the paper's
+    ``(x + intra) - (x + inter)``); with one, that code's residual form
+    ``h = x + branch`` (``ref`` may then be None without "inter"), only that
+    branch's projections exist and the other branch's stats are None.
     """
 
     def __init__(self, d_model: int, n_heads: int, grid, *, d_head: int | None = None, eps: float = 1e-4,
                  backend: str = "auto", out_proj: bool = True, bias: bool = True, check_values: bool = True,
-                 sigma_max: float = 2.0):
+                 sigma_max: float = 2.0, branches=("intra", "inter")):
         super().__init__()
+        self.branches = tuple(branches)
+        if not self.branches or len(set(self.branches)) != len(self.branches) or \
+                set(self.branches) - {"intra", "inter"}:
+            raise ValueError(f"branches must be one or both of 'intra', 'inter', got {branches!r}")
         if d_model <= 0 or n_heads <= 0:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model}, {n_heads}")
         if d_head is None:
@@ -83,6 +93,10 @@ class I2Correlation(nn.Module):
             self.inter_out = nn.Linear(inner, d_model, bias=bias)
         elif inner != d_model:
             raise ValueError("out_proj=False needs n_heads * d_head == d_model")
+        for b in {"intra", "inter"} - set(self.branches):  # built above as the official code does (same random
+            for part in ("q", "k", "v", "sigma", "out"):  # init of the kept branch), then dropped
+                if hasattr(self, f"{b}_{part}"):
+                    delattr(self, f"{b}_{part}")
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, L, H*Dh) -> (B, H, L, Dh)
         B, L, _ = t.shape
@@ -99,7 +113,7 @@ class I2Correlation(nn.Module):
         B, H, L, Dh = o.shape
         return o.transpose(1, 2).reshape(B, L, H * Dh)
 
-    def forward(self, x: torch.Tensor, ref: torch.Tensor, need_stats=(True, True), *,
+    def forward(self, x: torch.Tensor, ref: torch.Tensor | None, need_stats=(True, True), *,
                 key_padding_mask: torch.Tensor | None = None, key_padding_mask_ref: torch.Tensor | None = None):
         """``(h, intra_stats, inter_stats) = layer(x, ref)``.
 
@@ -125,7 +139,12 @@ class I2Correlation(nn.Module):
         ``key_padding_mask`` (1 or B, L) and ``key_padding_mask_ref`` (1 or B,
         S), bool, True = ignore that key, mask the intra and inter branch's
         keys ('reference' backend only so far).
+
+        With one branch (``branches``), h = x + branch_out and ``ref`` may be
+        None when that branch is "intra".
         """
+        if ref is None and "inter" not in self.branches:
+            ref = x  # unused without the inter branch; lets the checks below stay as they are
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, L, {self.d_model}), got {tuple(x.shape)}")
         if ref.dim() != 3 or ref.shape[-1] != self.d_model or (ref.shape[0] != 1 and ref.shape[0] != x.shape[0]):
@@ -135,6 +154,8 @@ class I2Correlation(nn.Module):
             raise ValueError(f"grid (rows, cols) = {self.grid} has {L} tokens (row-major); x must have L={L} "
                              f"tokens and ref a multiple of {L} (m images on the grid); x has {x.shape[1]}, "
                              f"ref has {ref.shape[1]}")
+        if len(self.branches) == 1:
+            return self._one_branch(x, ref, need_stats, key_padding_mask, key_padding_mask_ref)
         oi, oe, si, se = i2correlation(
             self._heads(self.intra_q(x)), self._heads(self.intra_k(x)), self._heads(self.intra_v(x)),
             self._sigma(self.intra_sigma, x),
@@ -147,6 +168,20 @@ class I2Correlation(nn.Module):
             oi, oe = self.intra_out(oi), self.inter_out(oe)
         return oi - oe, si, se
 
+    def _one_branch(self, x, ref, need_stats, key_padding_mask, key_padding_mask_ref):
+        b = self.branches[0]
+        src = x if b == "intra" else ref
+        o, st = correlation_attention(
+            self._heads(getattr(self, f"{b}_q")(x)), self._heads(getattr(self, f"{b}_k")(src)),
+            self._heads(getattr(self, f"{b}_v")(src)), self._sigma(getattr(self, f"{b}_sigma"), x),
+            self.grid, eps=self.eps, backend=self.backend, need_stats=need_stats[b == "inter"],
+            check_values=self.check_values, key_padding_mask=key_padding_mask if b == "intra" else key_padding_mask_ref)
+        o = self._merge(o)
+        if self.use_out_proj:
+            o = getattr(self, f"{b}_out")(o)
+        return x + o, (st if b == "intra" else None), (st if b == "inter" else None)
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, d_head={self.d_head}, grid={self.grid}, "
-                f"sigma_max={self.sigma_max}, eps={self.eps}, backend={self.backend!r}, out_proj={self.use_out_proj}")
+                f"sigma_max={self.sigma_max}, eps={self.eps}, backend={self.backend!r}, out_proj={self.use_out_proj}, "
+                f"branches={self.branches}")
