@@ -189,9 +189,17 @@ def _create(name: str, out_indices, pretrained: bool, weights: Optional[str]):
                                  "or --no-pretrained.") from exc
 
 
+def check_name(name: str):
+    import timm
+    if not timm.is_model(name):
+        raise ValueError(f"unknown backbone {name!r}: not a timm model name (e.g. wide_resnet50_2, resnet18, "
+                         "efficientnet_b6; timm.list_models() lists them)")
+
+
 def default_levels(name: str) -> list[str]:
     """The feature levels at strides 8 and 16 (layer2 and layer3 for ResNets)."""
     import timm
+    check_name(name)
     info = timm.create_model(name, pretrained=False, features_only=True).feature_info
     levels = [m for m, r in zip(info.module_name(), info.reduction()) if r in (8, 16)]
     if len(levels) < 1:
@@ -207,6 +215,7 @@ class Backbone(nn.Module):
         super().__init__()
         import timm
         self.name = name
+        check_name(name)
         self.levels = list(levels) if levels else default_levels(name)
         info = timm.create_model(name, pretrained=False, features_only=True).feature_info
         names = info.module_name()

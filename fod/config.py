@@ -47,7 +47,8 @@ class Config:
         "backbone weights from a local file (timm or torchvision state dict; works offline)", metavar="FILE"))
     image_size: int = field(default=256, metadata=opt("input size after the centre crop"))
     resize: Optional[int] = field(default=None, metadata=opt(
-        "resize to this before the crop (if not given: the image size)"))
+        "resize the shorter side to this, keeping the aspect ratio, before the centre crop (if not given: the "
+        "image size)"))
     interpolation: str = field(default="lanczos", metadata=opt(
         "image resizing filter (lanczos as the authors' code; masks always use nearest neighbour)",
         choices=INTERPOLATIONS))

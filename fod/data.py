@@ -52,6 +52,8 @@ def _nonempty(samples: list, what: str, where: Path) -> list:
 
 
 def _require_dir(d: Path, what: str) -> Path:
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"{what} directory {d} is a file, not a folder")
     if not d.is_dir():
         raise FileNotFoundError(f"{what} directory not found: {d}")
     return d
@@ -59,7 +61,7 @@ def _require_dir(d: Path, what: str) -> Path:
 
 def _find_mask(gt_dir: Path, img: Path, suffixes=("_mask", "")) -> Path:
     for suf in suffixes:
-        for ext in IMAGE_EXTS:
+        for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):  # 000_mask.PNG too
             cand = gt_dir / f"{img.stem}{suf}{ext}"
             if cand.is_file():
                 return cand

@@ -336,3 +336,23 @@ def test_normalisation_follows_the_backbone(tmp_path):
     _img(tmp_path / "g.png", size=8, value=51)
     x = load_image(tmp_path / "g.png", 8, mean=bit.mean, std=bit.std)
     np.testing.assert_allclose(x[:, 0, 0].numpy(), (51 / 255 - 0.5) / 0.5, rtol=1e-6)
+
+
+def test_probed_layout_details(mvtec, tmp_path, monkeypatch):
+    # an upper-case mask extension was reported as a missing mask
+    (mvtec / "ground_truth/crack/000_mask.png").rename(mvtec / "ground_truth/crack/000_mask.PNG")
+    assert list_samples(mvtec, "test")[0].mask.name == "000_mask.PNG"
+    # a file given as the dataset folder: say so, not "not found"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        list_samples(tmp_path / "f", "train")
+    # a full disk while the demo data is written names the file
+    import errno
+
+    from fod.files import WriteError
+
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(WriteError, match=r"cannot write .*train/good/000\.png: No space left on device \(ENOSPC\)"):
+        make_dataset(tmp_path / "syn", size=16, n_train=1, n_test_good=1, n_test_defect=1)
