@@ -87,7 +87,12 @@ def read_state_dict(path) -> tuple[dict, list[str]]:
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if key is None:
             break
-        obj, _ = obj[key], notes.append(f"took the state dict under the key {key!r}")
+        obj = obj[key]
+        notes.append(f"took the state dict under the key {key!r}")
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("fod-checkpoint"):
+        raise WeightsError(f"weights file {path} is a FOD checkpoint (fod train's checkpoint.pt), not backbone "
+                           "weights: score images with fod test/predict --checkpoint, or continue its training with "
+                           "fod train --resume")
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                        for k, v in obj.items()):
         what = (f"a dict with keys {_names(map(str, obj))}" if isinstance(obj, dict) and obj

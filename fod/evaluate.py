@@ -155,7 +155,7 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
                           viz.overlay(pre.denormalize(pre.image(p)), maps[i], None, vmin, vmax))
                 heatmap = str(folder.path / "heatmaps" / f"{names[i]}.png")
             result[str(p)] = {"score": float(scores[i]), "heatmap": heatmap, "map_key": names[i]}
-        write_npz(o.stage / "maps.npz", **{r["map_key"]: maps[i] for i, r in enumerate(result.values())})
+        write_npz(o.stage / "maps.npz", {r["map_key"]: maps[i] for i, r in enumerate(result.values())})
         atomic_write_text(o.stage / "scores.json", json.dumps(
             {"checkpoint": str(checkpoint), "image_score": "max of the sigma-4 Gaussian-filtered anomaly map",
              "heatmap_scale": [vmin, vmax], "preprocess": pre.describe(), "images": result}, indent=2))

@@ -110,9 +110,19 @@ def write_png(path, array):
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), fsync=False)
 
 
-def write_npz(path, **arrays):
+def write_npz(path, arrays: dict):
+    """Arrays by name as a compressed .npz (np.load reads it). Written member by member: with
+    np.savez_compressed(f, **arrays) an array named "file" (an image file.png) collides with its argument."""
+    import zipfile
+
     import numpy as np
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as z:
+            for name, arr in arrays.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
+    atomic_write(path, write)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -336,6 +336,12 @@ def test_damaged_checkpoints_are_clear_errors(run2, tmp_path, capsys, kind):
         assert KINDS[kind] in _one_error_line(capsys, "train")
 
 
+def test_a_checkpoint_given_as_weights(data, run2, tmp_path, capsys):
+    assert _main("train", "--data", data, "--output", tmp_path / "o", "--backbone", "resnet18", "--levels", "layer2",
+                 "--image-size", "32", "--weights", run2[0] / "checkpoint.pt") == 2
+    assert "is a FOD checkpoint (fod train's checkpoint.pt), not backbone weights" in _one_error_line(capsys, "train")
+
+
 def test_random_byte_flips_never_pass_unnoticed(run2, tmp_path):
     """Wherever a byte flips, loading either fails with a CheckpointError or gives the same content."""
     src = run2[0] / "checkpoint.pt"
@@ -491,6 +497,19 @@ def test_test_and_predict_apply_their_run_options(run2, tmp_path, capsys):
                      "--batch-size", "0") == 2
         assert "--batch-size must be >= 1" in _one_error_line(capsys, cmd)
     assert not (tmp_path / "x").exists()
+
+
+def test_predict_names_that_are_python_keywords_of_savez(run2, tmp_path):
+    """An image called file.png crashed predict: np.savez_compressed(f, **maps) got 'file' twice."""
+    src = _data_of(run2) + "/test/good/000.png"
+    for name in ("file", "allow_pickle"):
+        shutil.copy(src, tmp_path / f"{name}.png")
+    out = tmp_path / "p"
+    assert _main("predict", "--checkpoint", run2[0] / "checkpoint.pt", tmp_path / "file.png",
+                 tmp_path / "allow_pickle.png", "--output", out, "--heatmaps", "0") == 0
+    maps = np.load(out / "maps.npz")
+    assert sorted(maps.files) == ["allow_pickle", "file"] and maps["file"].shape == (32, 32)
+    np.testing.assert_array_equal(maps["file"], maps["allow_pickle"])
 
 
 def test_predict_input_errors(run2, tmp_path, capsys):
