@@ -170,8 +170,9 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
     if overwrite or not _baselines_current(run, coreset, epoch):
         log(f"fod benchmark: {name}: baselines and ablations")
         fod = C.load(ck, cfg.device, cfg.backend)
-        train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, cfg.image_size, cfg.resize)
-        test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, cfg.image_size, cfg.resize)
+        pre = fod.preprocess()  # exactly the training run's preprocessing
+        train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, pre=pre)
+        test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, pre=pre)
         res = BL.compute(fod, train_ds, test_ds, cfg, cfg.device, coreset=coreset, log=lambda m: log(f"[{name}] {m}"))
         res.pop("maps")
         main = metrics.get("final_epoch", metrics)  # compat-official: the final model, not the selected epochs

@@ -85,6 +85,9 @@ def add_config_options(p: argparse.ArgumentParser, groups=(CF.MODEL_OPTIONS, CF.
                 if name == "backend":
                     kw["choices"] = ["auto", *BACKENDS]
                     del kw["metavar"]
+                elif "choices" in md:
+                    kw["choices"] = md["choices"]
+                    del kw["metavar"]
             target = excl if name in ("weights", "pretrained") and excl is not None else g
             target.add_argument(_flag(name), **kw)
 
@@ -203,23 +206,28 @@ def main(argv=None) -> int:
     from .evaluate import predict, test
     from .train import train
     try:
+        if not str(args.output).strip():
+            raise ValueError("--output is empty")
         if args.command == "train":
             train(resolve_config(args), args.output, resume=args.resume, overwrite=args.overwrite)
         elif args.command in ("test", "predict"):
             run = _given(args)
-            kw = dict(device=run.get("device", "cpu"), backend=run.get("backend"), overwrite=args.overwrite)
+            kw = dict(device=run.get("device", "cpu"), backend=run.get("backend"), overwrite=args.overwrite,
+                      amp=run.get("amp", False), workers=run.get("num_workers"), heatmaps=run.get("heatmaps", -1))
             if args.command == "test":
-                test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size,
-                     heatmaps=run.get("heatmaps", -1), **kw)
+                test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size, **kw)
             else:
                 predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
         elif args.command == "demo":
             return demo(args)
         elif args.command == "benchmark":
             return benchmark(args, argv)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # OSError: files (missing, full disk, read-only, ...)
         print(f"fod {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fod {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -237,28 +245,43 @@ def benchmark(args, argv=None) -> int:
 
 def demo(args) -> int:
     from .evaluate import predict
-    from .files import prepare_output
+    from .files import OutputLock, check_writable, writing
     from .report import say
-    from .synthetic import make_dataset
+    from .synthetic import demo_files, make_dataset, remove_dataset
     from .train import train
     out = Path(args.output)
-    prepare_output(out, overwrite=args.overwrite, products=("data", "metrics.json", "checkpoint.pt"))
-    t0 = time.perf_counter()
     data = out / "data"
-    if data.exists() and args.overwrite:
-        import shutil
-        shutil.rmtree(data)
-    make_dataset(data, n_train=args.train_images)
-    say(f"fod demo: synthetic dataset written to {data} (train/good, test/good|scratch|spot|cut, ground_truth)")
+    # everything is checked before anything is written
+    if args.train_images < 1:
+        raise ValueError(f"--train-images must be >= 1, got {args.train_images}")
     args.cfg_data = str(data)
-    cfg = resolve_config(args, demo=True)
-    if cfg.weights is None:
-        say("fod demo: backbone weights: RANDOM INITIALISATION (no download is attempted; pass --weights FILE "
-            "for ImageNet weights). Shallow levels of a random network still separate these textures.")
-    metrics = train(cfg, out / "run", overwrite=args.overwrite)
-    samples = sorted((data / "test").glob("*/000.png"))
-    predict(out / "run" / "checkpoint.pt", samples, out / "predict", device=cfg.device, backend=cfg.backend,
-            overwrite=args.overwrite)
+    cfg = resolve_config(args, demo=True).check()
+    check_writable(out)
+    existing = [p for p in ("data", "run", "predict", "metrics.json", "checkpoint.pt") if (out / p).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace the demo's "
+                              "results, or choose another --output")
+    if data.exists():
+        demo_files(data)  # refuses if data/ holds files the demo did not write
+    t0 = time.perf_counter()
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(out, "fod demo")
+    lock.acquire()
+    try:
+        if data.exists():
+            remove_dataset(data)
+        make_dataset(data, n_train=args.train_images)
+        say(f"fod demo: synthetic dataset written to {data} (train/good, test/good|scratch|spot|cut, ground_truth)")
+        if cfg.weights is None:
+            say("fod demo: backbone weights: RANDOM INITIALISATION (no download is attempted; pass --weights FILE "
+                "for ImageNet weights). Shallow levels of a random network still separate these textures.")
+        metrics = train(cfg, out / "run", overwrite=args.overwrite)
+        samples = sorted((data / "test").glob("*/000.png"))
+        predict(out / "run" / "checkpoint.pt", samples, out / "predict", device=cfg.device, backend=cfg.backend,
+                overwrite=args.overwrite, amp=cfg.amp, workers=cfg.num_workers)
+    finally:
+        lock.release()
     say(f"fod demo: done in {time.perf_counter() - t0:.0f} s; weights: {metrics['weights']}; "
         f"image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
         f"AUPRO {metrics['aupro']:.3f}; see {out / 'run' / 'summary.png'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 LAYOUTS = ("mvtec", "btad", "mvtec3d", "visa")
+INTERPOLATIONS = ("lanczos", "bilinear", "bicubic")  # image resizing filters (masks: nearest neighbour)
+MAX_SIZE = 4096  # pixels: (4096/8)^2 = 262144 tokens at stride 8, far beyond any machine's budget for L x L correlation
 RUN_OPTIONS = "run"      # execution options: every command has them
 MODEL_OPTIONS = "model"  # what defines a trained model: train and demo
 
@@ -44,7 +47,11 @@ class Config:
         "backbone weights from a local file (timm or torchvision state dict; works offline)", metavar="FILE"))
     image_size: int = field(default=256, metadata=opt("input size after the centre crop"))
     resize: Optional[int] = field(default=None, metadata=opt(
-        "resize to this before the crop (if not given: the image size)"))
+        "resize the shorter side to this, keeping the aspect ratio, before the centre crop (if not given: the "
+        "image size)"))
+    interpolation: str = field(default="lanczos", metadata=opt(
+        "image resizing filter (lanczos as the authors' code; masks always use nearest neighbour)",
+        choices=INTERPOLATIONS))
     epochs: int = field(default=100, metadata=opt("training epochs"))
     batch_size: int = field(default=8, metadata=opt("batch size"))
     lr: float = field(default=1e-4, metadata=opt("Adam learning rate"))
@@ -137,17 +144,22 @@ def check_config(cfg: Config):
         check_value(name, getattr(cfg, name))
     _finite_number("--epochs", cfg.epochs, 0)
     _finite_number("--batch-size", cfg.batch_size, 1)
-    _finite_number("--image-size", cfg.image_size, 8)
+    _finite_number("--image-size", cfg.image_size, 8, hi=MAX_SIZE)
     if cfg.resize is not None:
-        _finite_number("--resize", cfg.resize, cfg.image_size)
+        _finite_number("--resize", cfg.resize, cfg.image_size, hi=MAX_SIZE)
     _finite_number("--lr", cfg.lr, 0, lo_open=True)
     _finite_number("--lambda1", cfg.lambda1, 0)
     _finite_number("--lambda2", cfg.lambda2, 0)
-    _finite_number("--eps", cfg.eps, 0, hi=1)
+    _finite_number("--eps", cfg.eps, 0, lo_open=True, hi=1)
     _finite_number("--heads", cfg.n_heads, 1)
     _finite_number("--layers", cfg.n_layers, 1)
     _finite_number("--workers", cfg.num_workers, 0)
     _finite_number("--heatmaps", cfg.heatmaps, -1)
+    _finite_number("--seed", cfg.seed, 0, hi=2**32 - 1)
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.d_model is not None:
         for d in cfg.d_model:
             _finite_number("--d-model", d, 1)
@@ -155,12 +167,26 @@ def check_config(cfg: Config):
                 raise ValueError(f"--d-model {d} must be a multiple of 4 and of --heads {cfg.n_heads}")
     if cfg.levels is not None and not cfg.levels:
         raise ValueError("--levels is empty")
+    if cfg.levels is not None and len(set(cfg.levels)) != len(cfg.levels):
+        raise ValueError(f"--levels names a level twice: {','.join(cfg.levels)}")
     if cfg.dataset not in LAYOUTS:
         raise ValueError(f"--dataset must be one of {LAYOUTS}, got {cfg.dataset!r}")
     if cfg.amp and not str(cfg.device).startswith("cuda"):
         raise ValueError("--amp (bf16 autocast) is for CUDA only")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise FileNotFoundError(f"weights file not found: {cfg.weights}")
+
+
+def check_run_options(cfg: Config, batch_size=None):
+    """The execution options of fod test / fod predict (the model's options come from the checkpoint)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.amp and not cfg.device.startswith("cuda"):
+        raise ValueError("--amp (bf16 autocast) is for CUDA only")
+    _finite_number("--workers", cfg.num_workers, 0)
+    _finite_number("--heatmaps", cfg.heatmaps, -1)
+    if batch_size is not None:
+        _finite_number("--batch-size", batch_size, 1)
 
 
 def check_value(name: str, value):

@@ -1,16 +1,26 @@
-"""Datasets in the MVTec AD, BTAD, MVTec 3D-AD (RGB) and VisA (split CSV) layouts.
+"""Datasets in the MVTec AD, BTAD, MVTec 3D-AD (RGB) and VisA (split CSV) layouts, and the preprocessing of
+images and masks.
 
 Each dataset lists (image path, defect type, mask path or None) triples at
 construction, so a missing mask or an empty split fails at once with the file
 or directory named; images are read lazily and an unreadable one fails naming
-the file. Images are resized to ``resize`` x ``resize``, centre-cropped to
-``image_size`` and normalised with the ImageNet mean and std; grey images are
-repeated to three channels. Masks follow the same geometry (nearest neighbour)
-and are binary.
+the file (``check_split`` reads a whole split up front).
+
+Preprocessing (``Preprocess``): the shorter side is resized to ``resize``
+keeping the aspect ratio (Lanczos by default, as the authors' code; bilinear or
+bicubic on request), then the centre ``image_size`` x ``image_size`` is cut
+out, and the pixels in 0..1 are normalised with the backbone's mean and std.
+Pixels are read at their true depth: 8-bit (grey, RGB(A), palette) as /255,
+16-bit grey (``I;16``, ``I;16B``, ``I``) as /65535, float grey (``F``) as
+given (it must lie in 0..1); 48-bit RGB is read by Pillow at 8-bit precision;
+grey images are repeated to three channels. Masks follow the same geometry
+(nearest neighbour), must have their image's size, and any non-zero pixel is
+a defect pixel (0/1 and 0/255 masks are the same mask).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -21,6 +31,8 @@ from torch.utils.data import Dataset
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LOSSY_EXTS = (".jpg", ".jpeg")
+INTERPOLATIONS = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 LAYOUTS = ("mvtec", "btad", "mvtec3d", "visa")
 
 
@@ -41,6 +53,8 @@ def _nonempty(samples: list, what: str, where: Path) -> list:
 
 
 def _require_dir(d: Path, what: str) -> Path:
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"{what} directory {d} is a file, not a folder")
     if not d.is_dir():
         raise FileNotFoundError(f"{what} directory not found: {d}")
     return d
@@ -48,7 +62,7 @@ def _require_dir(d: Path, what: str) -> Path:
 
 def _find_mask(gt_dir: Path, img: Path, suffixes=("_mask", "")) -> Path:
     for suf in suffixes:
-        for ext in IMAGE_EXTS:
+        for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):  # 000_mask.PNG too
             cand = gt_dir / f"{img.stem}{suf}{ext}"
             if cand.is_file():
                 return cand
@@ -141,39 +155,148 @@ def _visa_samples(root: Path, split: str) -> list[Sample]:
     return _nonempty(out, split, csv_path)
 
 
-def _read(path: Path, mode: str) -> Image.Image:
+def _open(path: Path) -> Image.Image:
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            if mode == "L" and im.mode in ("I", "I;16", "I;16B", "F"):
-                # 16-bit / float masks: any non-zero pixel is a defect pixel
-                return Image.fromarray((np.asarray(im) > 0).astype(np.uint8) * 255)
-            return im.convert(mode)
+            return im
     except Exception as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
-def _geometry(im: Image.Image, resize: int, crop: int, resample) -> Image.Image:
-    im = im.resize((resize, resize), resample)
-    off = (resize - crop) // 2
-    return im.crop((off, off, off + crop, off + crop))
+def image_size_of(path) -> tuple[int, int]:
+    """(width, height) from the file's header; an unreadable file is an error naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
-def load_image(path, image_size: int = 256, resize: Optional[int] = None) -> torch.Tensor:
+def _pixels(im: Image.Image, path) -> Image.Image:
+    """An 8-bit "RGB" image, or for 16-bit and float grey images an "F" image with values in 0..1."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"cannot read image {path}: {mode} pixels in [{lo}, {hi}]; integer grey images are read "
+                             "as 16-bit (0..65535)")
+        return Image.fromarray(arr.astype(np.float32) / 65535.0, mode="F")
+    if mode == "F":
+        arr = np.asarray(im, np.float32)
+        if not np.isfinite(arr).all() or (arr.size and (arr.min() < 0 or arr.max() > 1)):
+            raise ValueError(f"cannot read image {path}: float pixels must be finite and in 0..1, got "
+                             f"[{np.nanmin(arr)}, {np.nanmax(arr)}]")
+        return im
+    return im.convert("RGB")
+
+
+def _mask_pixels(im: Image.Image, path) -> np.ndarray:
+    """bool (H, W): any non-zero pixel (any colour channel; alpha ignored) is a defect pixel."""
+    if Path(path).suffix.lower() in LOSSY_EXTS:
+        raise ValueError(f"mask {path} is a JPEG: lossy compression smears the defect boundary into "
+                         "non-zero noise; store masks losslessly (PNG, BMP or TIFF)")
+    mode = im.mode
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+        arr = np.asarray(im)
+        if mode == "F" and not np.isfinite(arr).all():
+            raise ValueError(f"mask {path} holds NaN or infinite values")
+        return arr != 0
+    if mode in ("LA", "La"):
+        return np.asarray(im.convert("L")) != 0
+    return (np.asarray(im.convert("RGB")) != 0).any(axis=-1)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize`` (default ``image_size``) keeping the aspect ratio, cut out the
+    centre ``image_size`` x ``image_size``, normalise with ``mean`` and ``std``."""
+    image_size: int = 256
+    resize: Optional[int] = None
+    interpolation: str = "lanczos"
+    mean: tuple = tuple(float(x) for x in IMAGENET_MEAN)
+    std: tuple = tuple(float(x) for x in IMAGENET_STD)
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of {tuple(INTERPOLATIONS)}")
+        if self.resize is None:
+            object.__setattr__(self, "resize", self.image_size)
+        if self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size})")
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    def describe(self) -> str:
+        s = self.image_size
+        return (f"shorter side resized to {self.resize} px keeping the aspect ratio ({self.interpolation}), "
+                f"centre {s}x{s} crop, normalised with mean {tuple(round(x, 4) for x in self.mean)} "
+                f"std {tuple(round(x, 4) for x in self.std)}")
+
+    def _geometry(self, im: Image.Image, resample) -> Image.Image:
+        w, h = im.size
+        r, c = self.resize, self.image_size
+        size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)  # the shorter side becomes r
+        im = im.resize(size, resample)
+        x0, y0 = (size[0] - c) // 2, (size[1] - c) // 2
+        return im.crop((x0, y0, x0 + c, y0 + c))
+
+    def _normalize(self, im: Image.Image) -> torch.Tensor:
+        if im.mode == "F":
+            grey = np.clip(np.asarray(im, np.float32), 0, 1)
+            arr = np.repeat(grey[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(im, np.float32) / 255.0
+        arr = (arr - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+    def image(self, path) -> torch.Tensor:
+        """One image as a normalised float tensor (3, image_size, image_size)."""
+        path = Path(path)
+        return self._normalize(self._geometry(_pixels(_open(path), path), INTERPOLATIONS[self.interpolation]))
+
+    def mask(self, path, image_size: Optional[tuple] = None) -> torch.Tensor:
+        """A mask as bool (image_size, image_size); ``image_size`` (w, h) of its image, checked if given."""
+        path = Path(path)
+        im = _open(path)
+        if image_size is not None and im.size != tuple(image_size):
+            raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} pixels but its image is "
+                             f"{image_size[0]}x{image_size[1]}: a mask must have its image's size")
+        m = Image.fromarray(_mask_pixels(im, path).astype(np.uint8) * 255)
+        return torch.from_numpy(np.asarray(self._geometry(m, Image.NEAREST)) > 0)
+
+    def image_and_mask(self, path, mask_path) -> tuple[torch.Tensor, torch.Tensor]:
+        path = Path(path)
+        im = _open(path)
+        img = self._normalize(self._geometry(_pixels(im, path), INTERPOLATIONS[self.interpolation]))
+        return img, self.mask(mask_path, im.size)
+
+    def denormalize(self, img: torch.Tensor) -> np.ndarray:
+        """(3, H, W) normalised tensor -> (H, W, 3) float array in [0, 1]."""
+        arr = img.detach().cpu().numpy().transpose(1, 2, 0) * np.array(self.std, np.float32) \
+            + np.array(self.mean, np.float32)
+        return np.clip(arr, 0, 1)
+
+
+def load_image(path, image_size: int = 256, resize: Optional[int] = None, *, interpolation: str = "lanczos",
+               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """One image as a normalised float tensor (3, image_size, image_size)."""
-    im = _geometry(_read(Path(path), "RGB"), resize or image_size, image_size, Image.BILINEAR)
-    arr = (np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    return Preprocess(image_size, resize, interpolation, tuple(mean), tuple(std)).image(path)
 
 
-def load_mask(path, image_size: int = 256, resize: Optional[int] = None, threshold: int = 127) -> torch.Tensor:
-    im = _geometry(_read(Path(path), "L"), resize or image_size, image_size, Image.NEAREST)
-    return torch.from_numpy(np.asarray(im) > threshold)
+def load_mask(path, image_size: int = 256, resize: Optional[int] = None) -> torch.Tensor:
+    return Preprocess(image_size, resize).mask(path)
 
 
-def denormalize(img: torch.Tensor) -> np.ndarray:
+def denormalize(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """(3, H, W) normalised tensor -> (H, W, 3) float array in [0, 1]."""
-    arr = img.detach().cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    arr = img.detach().cpu().numpy().transpose(1, 2, 0) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
     return np.clip(arr, 0, 1)
 
 
@@ -181,22 +304,52 @@ class AnomalyDataset(Dataset):
     """Items: dict(image (3,S,S) float, mask (S,S) bool, label 0/1, defect str, path str)."""
 
     def __init__(self, root, split: str, layout: str = "mvtec", image_size: int = 256,
-                 resize: Optional[int] = None):
+                 resize: Optional[int] = None, *, interpolation: str = "lanczos", mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, pre: Optional[Preprocess] = None):
         self.samples = list_samples(root, split, layout)
-        self.mask_threshold = 0 if layout == "visa" else 127  # VisA's masks hold small labels, not 255
-        self.image_size, self.resize = image_size, resize or image_size
-        if self.resize < image_size:
-            raise ValueError(f"resize ({self.resize}) must be >= image_size ({image_size})")
+        self.root, self.split = Path(root), split
+        self.pre = pre or Preprocess(image_size, resize, interpolation, tuple(mean), tuple(std))
+        self.image_size, self.resize = self.pre.image_size, self.pre.resize
 
     def __len__(self):
         return len(self.samples)
 
+    def image(self, i: int) -> torch.Tensor:
+        return self.pre.image(self.samples[i].image)
+
     def __getitem__(self, i):
         s = self.samples[i]
-        img = load_image(s.image, self.image_size, self.resize)
         if s.mask is None:
+            img = self.pre.image(s.image)
             mask = torch.zeros(self.image_size, self.image_size, dtype=torch.bool)
         else:
-            mask = load_mask(s.mask, self.image_size, self.resize, self.mask_threshold)
+            img, mask = self.pre.image_and_mask(s.image, s.mask)
         return {"image": img, "mask": mask, "label": int(s.defect != "good"), "defect": s.defect,
                 "path": str(s.image)}
+
+
+def scan_sizes(ds: AnomalyDataset) -> int:
+    """Read every image's header (an unreadable file fails naming it); returns how many are not square."""
+    n = 0
+    for s in ds.samples:
+        w, h = image_size_of(s.image)
+        n += w != h
+    return n
+
+
+def check_split(ds: AnomalyDataset, need_both_classes: bool = True) -> None:
+    """Read every image and mask of a split (errors name the file); with ``need_both_classes``, require
+    normal and defective images and at least one defect pixel after the crop (AUROC and AUPRO need them)."""
+    labels, defect_pixels = set(), 0
+    for i in range(len(ds)):
+        item = ds[i]
+        labels.add(item["label"])
+        defect_pixels += int(item["mask"].sum())
+    if need_both_classes:
+        if labels != {0, 1}:
+            have = "only normal" if labels == {0} else "only defective"
+            raise ValueError(f"the {ds.split} split of {ds.root} holds {have} images; image AUROC needs both "
+                             "normal and defective test images")
+        if defect_pixels == 0:
+            raise ValueError(f"no mask of the {ds.split} split of {ds.root} has a defect pixel inside the centre crop; "
+                             "pixel AUROC and AUPRO need some")

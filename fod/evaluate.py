@@ -1,6 +1,7 @@
 """Scoring: anomaly maps of a test set with all metrics (``evaluate``), and of new images (``predict``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,9 +15,9 @@ from . import checkpoint as C
 from . import metrics as M
 from . import report as R
 from . import viz
-from .config import Config, to_dict
-from .data import AnomalyDataset, denormalize, load_image
-from .files import atomic_write_text, prepare_output
+from .config import Config, check_run_options, to_dict
+from .data import AnomalyDataset, Preprocess, check_split, image_size_of, scan_sizes
+from .files import OutputFolder, atomic_write_text, refuse_inside, write_npz, write_png
 from .model import FOD, loader
 
 
@@ -51,63 +52,117 @@ def public_metrics(res: dict) -> dict:
     return {k: res[k] for k in keys}
 
 
-def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str = "cpu",
-         backend: Optional[str] = None, batch_size: Optional[int] = None, overwrite: bool = False,
-         heatmaps: int = -1, log=R.say) -> dict:
-    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png."""
-    out = prepare_output(output, overwrite=overwrite, products=("metrics.json", "summary.png"))
-    fod = C.load(checkpoint, device, backend)
+def check_device(device: str):
+    """A clear error if ``device`` (cpu, cuda, cuda:N; format checked by the config) is not on this machine."""
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s)")
+
+
+def _run_setup(checkpoint, *, device, backend, amp, workers, heatmaps, batch_size, log):
+    """The checkpoint's FOD bundle with this run's execution options applied (all of them: none is ignored)."""
+    probe = Config(device=device, amp=bool(amp), num_workers=0 if workers is None else workers, heatmaps=heatmaps)
+    check_run_options(probe, batch_size)
+    check_device(device)
+    fod = C.load(checkpoint, device, backend, log=log)
     cfg = fod.cfg
+    cfg.amp, cfg.heatmaps = probe.amp, heatmaps
+    if workers is not None:
+        cfg.num_workers = workers
     if batch_size:
         cfg.batch_size = batch_size
-    ds = AnomalyDataset(data, "test", dataset or cfg.dataset, cfg.image_size, cfg.resize)
-    res = evaluate(fod, ds, cfg, device)
-    metrics = public_metrics(res)
-    metrics.update(protocol="evaluation of a saved checkpoint", checkpoint=str(checkpoint), data=str(data),
-                   weights=fod.backbone.weights_source, backend=fod.backend, score=fod.score_description,
-                   config=to_dict(cfg), versions=R.versions(fod.backend))
-    R.write_outputs(out, cfg=cfg, ds=ds, res=res, metrics=metrics, history=fod.checkpoint.get("history", []),
-                    heatmaps=heatmaps, title_extra=" (fod test)", log=log)
+    pre = fod.preprocess()
+    return fod, cfg, pre
+
+
+def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str = "cpu",
+         backend: Optional[str] = None, batch_size: Optional[int] = None, overwrite: bool = False,
+         heatmaps: int = -1, amp: bool = False, workers: Optional[int] = None, log=R.say) -> dict:
+    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png."""
+    refuse_inside(output, data)
+    folder = OutputFolder(output, "test", overwrite=overwrite).check()
+    fod, cfg, pre = _run_setup(checkpoint, device=device, backend=backend, amp=amp, workers=workers,
+                               heatmaps=heatmaps, batch_size=batch_size, log=log)
+    layout = dataset or cfg.dataset
+    ds = AnomalyDataset(data, "test", layout, pre=pre)
+    R.log_preprocessing(pre, scan_sizes(ds), log)
+    check_split(ds)
+    with folder.open() as o:
+        res = evaluate(fod, ds, cfg, device)
+        metrics = public_metrics(res)
+        metrics.update(protocol="evaluation of a saved checkpoint", checkpoint=str(checkpoint), data=str(data),
+                       weights=fod.backbone.weights_source, backend=fod.backend, config=to_dict(cfg),
+                       preprocess=pre.describe(), score=fod.score_description,
+                       versions=R.versions(fod.backend))
+        shown = dataclasses.replace(cfg, data=str(data), dataset=layout)  # the summary names the data evaluated
+        written = R.write_outputs(o.stage, cfg=shown, ds=ds, res=res, metrics=metrics,
+                                  history=fod.checkpoint.get("history", []), heatmaps=heatmaps,
+                                  title_extra=" (fod test)")
+        o.commit()
+    R.log_metrics(metrics, folder.path, ", ".join(written), log)
     return metrics
 
 
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, paths, pre: Preprocess):
+        self.paths, self.pre = paths, pre
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.pre.image(self.paths[i])
+
+
 def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optional[str] = None,
-            batch_size: int = 8, overwrite: bool = False, log=R.say) -> dict:
-    """Anomaly maps and image scores of new images: heatmaps/*.png, maps.npz and scores.json."""
-    out = prepare_output(output, overwrite=overwrite, products=("scores.json",))
-    fod = C.load(checkpoint, device, backend)
-    cfg = fod.cfg
-    paths = [Path(p) for p in images]
+            batch_size: int = 8, overwrite: bool = False, amp: bool = False, workers: Optional[int] = None,
+            heatmaps: int = -1, log=R.say) -> dict:
+    """Anomaly maps and image scores of new images: heatmaps/*.png (the first ``heatmaps``; -1: all),
+    maps.npz and scores.json."""
+    folder = OutputFolder(output, "predict", overwrite=overwrite).check()
+    paths = list(dict.fromkeys(Path(p) for p in images))  # an image given twice is scored once (keyed by path)
     if not paths:
         raise ValueError("no images given to predict")
     for p in paths:
+        if p.is_dir():
+            raise IsADirectoryError(f"{p} is a folder, not an image file (give the image files, e.g. {p}/*.png)")
         if not p.is_file():
             raise FileNotFoundError(f"image not found: {p}")
-    maps = []
-    for chunk in tqdm([paths[i:i + batch_size] for i in range(0, len(paths), batch_size)], desc="predict",
-                      unit="batch", leave=False):
-        imgs = torch.stack([load_image(p, cfg.image_size, cfg.resize) for p in chunk]).to(device)
-        maps.append(fod.anomaly_maps(imgs, amp=cfg.amp).float().cpu().numpy())
-    maps = np.concatenate(maps)
-    scores = M.image_scores(maps)
-    scale = fod.checkpoint.get("map_scale")
-    vmin, vmax = scale if scale else (float(maps.min()), float(maps.max()))
-    hdir = out / "heatmaps"
-    hdir.mkdir(exist_ok=True)
-    names, result = set(), {}
-    for i, p in enumerate(paths):
-        name = p.stem
-        while name in names:
-            name = f"{name}_{i}"
-        names.add(name)
-        img = denormalize(load_image(p, cfg.image_size, cfg.resize))
-        viz.save_overlay(hdir / f"{name}.png", img, maps[i], None, vmin, vmax)
-        result[str(p)] = {"score": float(scores[i]), "heatmap": str(hdir / f"{name}.png"), "map_key": name}
-    np.savez_compressed(out / "maps.npz", **{r["map_key"]: maps[i] for i, r in enumerate(result.values())})
-    atomic_write_text(out / "scores.json", json.dumps(
-        {"checkpoint": str(checkpoint), "image_score": "max of the sigma-4 Gaussian-filtered anomaly map",
-         "heatmap_scale": [vmin, vmax], "images": result}, indent=2))
+        image_size_of(p)  # an unreadable file fails here, naming it
+    fod, cfg, pre = _run_setup(checkpoint, device=device, backend=backend, amp=amp, workers=workers,
+                               heatmaps=heatmaps, batch_size=batch_size, log=log)
+    R.log_preprocessing(pre, sum(w != h for w, h in map(image_size_of, paths)), log)
+    with folder.open() as o:
+        maps = []
+        batches = torch.utils.data.DataLoader(_Images(paths, pre), batch_size=batch_size, shuffle=False,
+                                              num_workers=cfg.num_workers)
+        for imgs in tqdm(batches, desc="predict", unit="batch", leave=False):
+            maps.append(fod.anomaly_maps(imgs.to(device), amp=cfg.amp).float().cpu().numpy())
+        maps = np.concatenate(maps)
+        scores = M.image_scores(maps)
+        scale = fod.checkpoint.get("map_scale")
+        vmin, vmax = scale if scale else (float(maps.min()), float(maps.max()))
+        names = R.unique_names(p.stem for p in paths)
+        count = len(paths) if heatmaps < 0 else min(heatmaps, len(paths))
+        if count:
+            (o.stage / "heatmaps").mkdir()
+        result = {}
+        for i, p in enumerate(paths):
+            heatmap = None
+            if i < count:
+                write_png(o.stage / "heatmaps" / f"{names[i]}.png",
+                          viz.overlay(pre.denormalize(pre.image(p)), maps[i], None, vmin, vmax))
+                heatmap = str(folder.path / "heatmaps" / f"{names[i]}.png")
+            result[str(p)] = {"score": float(scores[i]), "heatmap": heatmap, "map_key": names[i]}
+        write_npz(o.stage / "maps.npz", {r["map_key"]: maps[i] for i, r in enumerate(result.values())})
+        atomic_write_text(o.stage / "scores.json", json.dumps(
+            {"checkpoint": str(checkpoint), "image_score": "max of the sigma-4 Gaussian-filtered anomaly map",
+             "heatmap_scale": [vmin, vmax], "preprocess": pre.describe(), "images": result}, indent=2))
+        o.commit()
     for p, r in result.items():
         log(f"{r['score']:.6g}  {p}")
-    log(f"fod: maps and scores of {len(paths)} images in {out}/ (scores.json, maps.npz, heatmaps/)")
+    log(f"fod: maps and scores of {len(paths)} images in {folder.path}/ (scores.json, maps.npz"
+        + (", heatmaps/" if count else "") + ")")
     return result

@@ -236,6 +236,12 @@ class FOD(nn.Module):
         for m in self.models:
             m.set_backend(name)
 
+    def preprocess(self):
+        """The image preprocessing this model was trained with (size, resize, interpolation, normalisation)."""
+        from .data import Preprocess
+        c = self.cfg
+        return Preprocess(c.image_size, c.resize, c.interpolation, self.backbone.mean, self.backbone.std)
+
     @property
     def backend(self) -> str:
         return self.models[0].layers[0].attn.backend

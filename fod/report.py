@@ -16,8 +16,7 @@ from tqdm import tqdm
 
 from . import viz
 from .config import Config
-from .data import denormalize, load_image
-from .files import atomic_write_text
+from .files import atomic_write_text, write_png, writing
 
 COMPAT_WARNING = ("COMPAT-OFFICIAL PROTOCOL: the output projections are discarded and the model is selected on the "
                   "TEST set after every epoch; the best image AUROC and the best pixel AUROC may come from "
@@ -50,15 +49,40 @@ def map_scale(res: dict) -> tuple[float, float]:
     return float(res["maps"].min()), float(np.percentile(res["maps"], 99.9))
 
 
-def write_heatmaps(outdir: Path, ds, res: dict, vmin: float, vmax: float, limit: int = -1):
+def log_preprocessing(pre, nonsquare: int, log=say):
+    """The preprocessing, said once per run; and how many images lose a border to the crop."""
+    log(f"fod: preprocessing: {pre.describe()}")
+    if nonsquare:
+        log(f"fod: {nonsquare} image(s) are not square: their aspect ratio is kept and the centre crop cuts off "
+            "the ends of their longer side")
+
+
+def unique_names(stems) -> list[str]:
+    """File names for the stems, made unique by appending _1, _2, ... (two inputs may share a stem)."""
+    names, out = set(), []
+    for stem in stems:
+        name, k = stem, 0
+        while name in names:
+            k += 1
+            name = f"{stem}_{k}"
+        names.add(name)
+        out.append(name)
+    return out
+
+
+def write_heatmaps(outdir: Path, ds, res: dict, vmin: float, vmax: float, limit: int = -1) -> int:
+    """Heat-map overlays of the first ``limit`` (-1: all) test images into outdir/heatmaps; returns how many."""
+    count = len(ds) if limit < 0 else min(limit, len(ds))
+    if count == 0:
+        return 0
     hdir = outdir / "heatmaps"
-    hdir.mkdir(exist_ok=True)
-    order = range(len(ds)) if limit < 0 else range(min(limit, len(ds)))
-    for i in order:
-        s = ds.samples[i]
-        img = denormalize(load_image(s.image, ds.image_size, ds.resize))
-        name = f"{s.defect}_{s.image.stem}.png"
-        viz.save_overlay(hdir / name, img, res["maps"][i], res["masks"][i], vmin, vmax)
+    with writing(hdir):
+        hdir.mkdir(exist_ok=True)
+    names = unique_names(f"{s.defect}_{s.image.stem}" for s in ds.samples)
+    for i in range(count):
+        img = ds.pre.denormalize(ds.image(i))
+        write_png(hdir / f"{names[i]}.png", viz.overlay(img, res["maps"][i], res["masks"][i], vmin, vmax))
+    return count
 
 
 def summary_examples(ds, res: dict, vmin, vmax, k: int = 4):
@@ -74,7 +98,7 @@ def summary_examples(ds, res: dict, vmin, vmax, k: int = 4):
     out = []
     for cap, i in picks[:k]:
         s = ds.samples[i]
-        img = denormalize(load_image(s.image, ds.image_size, ds.resize))
+        img = ds.pre.denormalize(ds.image(i))
         out.append((f"{cap}\n{s.defect}/{s.image.name} score {sc[i]:.3g}",
                     viz.overlay(img, res["maps"][i], res["masks"][i], vmin, vmax)))
     return out
@@ -101,9 +125,11 @@ def write_summary(path, cfg: Config, metrics, res, ds, vmin, vmax, history, titl
     ]
     if "warning" in metrics:
         lines += ["", "WARNING: test-set model selection (--compat-official);", "numbers are optimistic."]
-    viz.summary_page(path, title=f"FOD run summary{title_extra}", lines=lines, history=history,
-                     labels=res["labels"], image_scores=res["image_scores"], masks=res["masks"], maps=res["maps"],
-                     examples=summary_examples(ds, res, vmin, vmax))
+    examples = summary_examples(ds, res, vmin, vmax)
+    with writing(path):
+        viz.summary_page(path, title=f"FOD run summary{title_extra}", lines=lines, history=history,
+                         labels=res["labels"], image_scores=res["image_scores"], masks=res["masks"],
+                         maps=res["maps"], examples=examples)
 
 
 def log_metrics(metrics: dict, out: Path, products: str, log=say):
@@ -117,11 +143,11 @@ def log_metrics(metrics: dict, out: Path, products: str, log=say):
 
 
 def write_outputs(out: Path, *, cfg: Config, ds, res: dict, metrics: dict, history: list, scale=None,
-                  heatmaps: int = -1, title_extra: str = "", products: str = "metrics.json, heatmaps/, summary.png",
-                  log=say):
-    """Heat maps, metrics.json and summary.png of an evaluation (``res`` from evaluate.evaluate), then the report."""
+                  heatmaps: int = -1, title_extra: str = "") -> list[str]:
+    """Heat maps, metrics.json and summary.png of an evaluation (``res`` from evaluate.evaluate) into ``out``
+    (a staging folder); returns the names of what was written."""
     vmin, vmax = scale if scale is not None else map_scale(res)
-    write_heatmaps(out, ds, res, vmin, vmax, heatmaps)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    n = write_heatmaps(out, ds, res, vmin, vmax, heatmaps)
     write_summary(out / "summary.png", cfg, metrics, res, ds, vmin, vmax, history, title_extra)
-    log_metrics(metrics, out, products, log)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return ["metrics.json"] + (["heatmaps/"] if n else []) + ["summary.png"]

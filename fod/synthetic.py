@@ -15,6 +15,7 @@ numpy from a seed: the same arguments always give the same files.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 DEFECTS = ("scratch", "spot", "cut")
+MANIFEST = ".fod-demo-manifest.json"  # the files make_dataset wrote: the only ones fod demo --overwrite removes
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -103,28 +105,74 @@ def add_defect(rng: np.random.Generator, img: np.ndarray, kind: str):
 
 
 def _save(arr: np.ndarray, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(path)
+    from .files import writing
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(path)
 
 
 def make_dataset(root, *, size: int = 128, n_train: int = 60, n_test_good: int = 12, n_test_defect: int = 8,
                  seed: int = 0, defects=DEFECTS) -> Path:
     """Write a synthetic category in the MVTec AD layout under ``root``; return ``root``.
 
-    Refuses to write into a non-empty directory (it never overwrites data).
+    Refuses to write into a non-empty directory (it never overwrites data). Lists the files it writes
+    in ``root/.fod-demo-manifest.json`` (before writing them), so that ``remove_dataset`` can remove
+    exactly those.
     """
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and is not empty; the synthetic dataset is written only "
                               "into a new or empty directory")
+    train = [f"train/good/{i:03d}.png" for i in range(n_train)]
+    good = [f"test/good/{i:03d}.png" for i in range(n_test_good)]
+    bad = [(kind, f"test/{kind}/{i:03d}.png", f"ground_truth/{kind}/{i:03d}_mask.png")
+           for kind in defects for i in range(n_test_defect)]
+    from .files import writing
+    with writing(root / MANIFEST):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MANIFEST).write_text(json.dumps({
+            "written_by": "fod.synthetic.make_dataset",
+            "args": {"size": size, "n_train": n_train, "n_test_good": n_test_good, "n_test_defect": n_test_defect,
+                     "seed": seed, "defects": list(defects)},
+            "files": train + good + [p for _, img, mask in bad for p in (img, mask)]}, indent=1))
     rng = np.random.default_rng(seed)
-    for i in range(n_train):
-        _save(texture(rng, size), root / "train" / "good" / f"{i:03d}.png")
-    for i in range(n_test_good):
-        _save(texture(rng, size), root / "test" / "good" / f"{i:03d}.png")
-    for kind in defects:
-        for i in range(n_test_defect):
-            img, mask = add_defect(rng, texture(rng, size), kind)
-            _save(img, root / "test" / kind / f"{i:03d}.png")
-            _save(mask.astype(np.float32), root / "ground_truth" / kind / f"{i:03d}_mask.png")
+    for rel in train + good:
+        _save(texture(rng, size), root / rel)
+    for kind, img_rel, mask_rel in bad:
+        img, mask = add_defect(rng, texture(rng, size), kind)
+        _save(img, root / img_rel)
+        _save(mask.astype(np.float32), root / mask_rel)
     return root
+
+
+def demo_files(root) -> list[Path]:
+    """The files under ``root`` that make_dataset wrote; an error if ``root`` holds anything else (or has
+    no manifest): those files are the user's, and fod demo --overwrite must not remove them."""
+    root = Path(root)
+    advice = "fod demo --overwrite removes only what it wrote itself: move them away or choose another --output"
+    try:
+        listed = set(json.loads((root / MANIFEST).read_text())["files"])
+    except FileNotFoundError:
+        raise FileExistsError(f"{root} was not written by fod demo (it has no {MANIFEST}); {advice}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FileExistsError(f"{root / MANIFEST} is unreadable ({exc}); {advice}") from None
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() or p.is_symlink()}
+    foreign = sorted(present - listed - {MANIFEST})
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{root} holds {len(foreign)} file(s) that fod demo did not write ({shown}); {advice}")
+    return [root / p for p in sorted(present & listed)]
+
+
+def remove_dataset(root):
+    """Remove a dataset written by make_dataset: its listed files, then the folders left empty."""
+    root = Path(root)
+    for p in demo_files(root):
+        p.unlink()
+    (root / MANIFEST).unlink()
+    for d in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    root.rmdir()

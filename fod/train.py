@@ -7,6 +7,8 @@ epochs) and says so.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 
 import torch
@@ -16,24 +18,38 @@ from . import checkpoint as C
 from . import report as R
 from .backbone import build_backbone
 from .config import Config, resume_differences, to_dict, to_toml
-from .data import AnomalyDataset
-from .evaluate import evaluate, public_metrics
-from .files import atomic_write_text, prepare_output
-from .model import FOD, extract_features, fod_loss, reference_memory, resolve_backend
+from .data import AnomalyDataset, Preprocess, check_split, scan_sizes
+from .evaluate import check_device, evaluate, public_metrics
+from .files import OutputFolder, WriteError, atomic_write_text, refuse_inside
+from .model import (FOD, default_d_model, extract_features, fod_loss, reconstruction_loss, reference_memory,
+                    resolve_backend)
 
 TRAIN_PRODUCTS = ("checkpoint.pt", "metrics.json", "summary.png")
+LOSS_TERMS = ("rec", "K_intra", "K_inter", "E_intra", "E_inter")
+
+
+def _mean(stats, field):
+    return torch.stack([getattr(s, field).float().mean() for s in stats]).mean()
+
+
+def loss_terms(out, x, intra, inter) -> dict:
+    """The terms of one level's loss by name (the order in which a non-finite one is reported)."""
+    return {"rec": reconstruction_loss(out, x), "K_intra": _mean(intra, "kl_attn"), "K_inter": _mean(inter, "kl_attn"),
+            "E_intra": _mean(intra, "entropy"), "E_inter": _mean(inter, "entropy")}
 
 
 def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Generator, n: int, *, cached=None,
-                train_ds=None, desc: str = "epoch") -> dict:
+                train_ds=None, desc: str = "epoch", epoch: int = 0) -> dict:
     """One pass over the ``n`` training images in the order drawn from ``gen``: sample-weighted means of
-    the loss and its parts ({"loss", "rec", "k_intra", "k_inter"})."""
+    the loss and its parts ({"loss", "rec", "k_intra", "k_inter"}). A non-finite loss raises
+    C.NonFiniteError naming the first non-finite term, the level, the epoch and the step, before the
+    weights are updated."""
     device = cfg.device
     fod.models.train()
     perm = torch.randperm(n, generator=gen)
     sums = {"loss": 0.0, "rec": 0.0, "k_intra": 0.0, "k_inter": 0.0}
     bar = tqdm(perm.split(cfg.batch_size), desc=desc, unit="batch", leave=False)
-    for idx in bar:
+    for step, idx in enumerate(bar, 1):
         if cached is not None:
             feats = [f[idx].to(device) for f in cached]
         else:
@@ -41,114 +57,198 @@ def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Ge
             feats = fod.tokens(imgs)
         loss = 0.0
         parts = {"rec": 0.0, "k_intra": 0.0, "k_inter": 0.0}
+        levels = []
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp):
             for f, model, mem in zip(feats, fod.models, fod.memories):
                 o, intra, inter = model(f, mem)
                 lv, p = fod_loss(o.float(), f, intra, inter, cfg.lambda1, cfg.lambda2)
                 loss = loss + lv
                 parts = {k: parts[k] + float(p[k]) for k in parts}
+                levels.append((o, f, intra, inter))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise C.NonFiniteError(_diagnose(fod, levels, value, epoch, step))
+        del levels
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         w = len(idx) / n
-        sums["loss"] += float(loss.detach()) * w
+        sums["loss"] += value * w
         for k in parts:
             sums[k] += parts[k] * w
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", rec=f"{parts['rec']:.4f}")
+        bar.set_postfix(loss=f"{value:.4f}", rec=f"{parts['rec']:.4f}")
     return sums
 
 
+@torch.no_grad()
+def _diagnose(fod: FOD, levels, total: float, epoch: int, step: int) -> str:
+    where = f"epoch {epoch}, step {step}"
+    for lv_name, (o, f, intra, inter) in zip(fod.backbone.levels, levels):
+        terms = {k: float(v) for k, v in loss_terms(o.float(), f, intra, inter).items()}
+        bad = [k for k in LOSS_TERMS if not math.isfinite(terms[k])]
+        if bad:
+            return (f"training diverged at {where}: the first non-finite loss term is {bad[0]} = {terms[bad[0]]} "
+                    f"(level {lv_name}" + (f"; also {', '.join(bad[1:])}" if bad[1:] else "") + ")")
+    return f"training diverged at {where}: the total loss is {total} although every term is finite"
+
+
+def data_fingerprint(ds: AnomalyDataset) -> dict:
+    """What --resume checks about the training images: their count, names and sizes."""
+    h = hashlib.sha256()
+    for smp in ds.samples:
+        h.update(f"{smp.image.relative_to(ds.root).as_posix()}\0{smp.image.stat().st_size}\n".encode())
+    return {"count": len(ds.samples), "sha256": h.hexdigest()}
+
+
 def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False, log=R.say) -> dict:
-    """Train, evaluate once (or per epoch with compat_official), write all outputs; return metrics."""
+    """Train, evaluate once (or per epoch with compat_official), write all outputs; return metrics.
+
+    Everything that can be checked is checked before the output folder is touched: the options, the
+    checkpoint to resume, the backbone weights, the image size, every test image and mask, the output
+    folder. A fresh run writes checkpoint.pt (and config.toml) into the folder after every epoch (so that
+    --resume can continue it); an --overwrite run stages them with the other products until it succeeds.
+    """
     cfg.check()
-    out = prepare_output(output, resume=resume, overwrite=overwrite, products=TRAIN_PRODUCTS)
-    ck_path = out / "checkpoint.pt"
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in --output, "
+                         "--overwrite replaces it")
+    check_device(cfg.device)
+    refuse_inside(output, cfg.data)
+    folder = OutputFolder(output, "train", overwrite=overwrite, resume=resume).check()
+    ck_path = folder.path / "checkpoint.pt"
     ck = None
     if resume:
         if not ck_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {ck_path}")
-        ck = C.load_raw(ck_path)
+        ck = C.load_raw(ck_path, resume=True, log=log)
         diff = resume_differences(C.config_of(ck, ck_path), cfg)
         if diff:
             raise ValueError(f"--resume with a different configuration than {ck_path}: "
                              + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        if cfg.epochs < ck["epoch"]:
+            raise ValueError(f"--resume --epochs {cfg.epochs}: {ck_path} has already been trained for {ck['epoch']} "
+                             f"epochs; pass --epochs {ck['epoch']} or more (fod test evaluates it as it is)")
     if cfg.compat_official:
         R.banner(R.COMPAT_WARNING)
     device = cfg.device
     C.seed_all(cfg.seed)
-    train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, cfg.image_size, cfg.resize)
-    test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, cfg.image_size, cfg.resize)
-    backbone = C.backbone_from_checkpoint(ck) if ck else build_backbone(cfg)
+    backbone = C.backbone_from_checkpoint(ck, ck_path) if ck else build_backbone(cfg)
+    if backbone.weights_note:
+        log(f"fod: weights: {backbone.weights_note}")
+    pre = Preprocess(cfg.image_size, cfg.resize, cfg.interpolation, backbone.mean, backbone.std)
+    train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, pre=pre)
+    test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, pre=pre)
+    fingerprint = data_fingerprint(train_ds)
+    if ck and ck.get("train_data", fingerprint) != fingerprint:
+        raise ValueError(f"--resume: the training images under {cfg.data} are not those {ck_path} was trained on "
+                         f"({ck['train_data']['count']} images then, {fingerprint['count']} now, or other names or "
+                         "sizes); resume with the same data, or train anew")
     backbone.to(device)
-    grids = backbone.grids(cfg.image_size)
+    grids = backbone.check_image_size(cfg.image_size)
+    for lv, g, w in zip(backbone.levels, grids, cfg.d_model or [default_d_model(g[0] * g[1]) for g in grids]):
+        if w % cfg.n_heads:
+            raise ValueError(f"--heads {cfg.n_heads} does not divide the model width {w} of level {lv}"
+                             + ("" if cfg.d_model else f" (the default for its {g[0]}x{g[1]} grid)")
+                             + "; choose --heads dividing it, or --d-model")
     fod = FOD(cfg, backbone, grids)
     backend = resolve_backend(cfg.backend, torch.device(device))
     fod.to(device)
     fod.set_backend(backend)
-    atomic_write_text(out / "config.toml", to_toml(cfg))
     log(f"fod: {len(train_ds)} training and {len(test_ds)} test images from {cfg.data} ({cfg.dataset} layout)")
+    R.log_preprocessing(pre, scan_sizes(train_ds) + scan_sizes(test_ds), log)
+    check_split(test_ds)  # every test image and mask, before the first epoch
     log(f"fod: backbone {cfg.backbone} levels {backbone.levels} (channels {backbone.channels}, grids {grids}), "
         f"weights: {backbone.weights_source}")
     log(f"fod: d_model {fod.d_models}, {cfg.n_heads} heads, {cfg.n_layers} layers, backend {backend!r}, "
         f"device {device}{', bf16 autocast' if cfg.amp else ''}")
 
-    cached = extract_features(fod, train_ds, cfg, device, "features") if cfg.cache_features else None
-    if ck:
-        fod.memories = [m.to(device) for m in ck["memory"]]
-        fod.models.load_state_dict(ck["models"])
-    else:
-        fod.memories = [m.to(device) for m in reference_memory(fod, train_ds, cfg, device, cached)]
-    opt = torch.optim.Adam(fod.models.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, history, train_seconds, compat = 0, [], 0.0, {"epochs": []}
-    if ck:
-        opt.load_state_dict(ck["optimizer"])
-        C.set_rng_state(ck["rng"], gen)
-        start, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
-        compat = ck.get("compat", compat)
-        log(f"fod: resuming {ck_path} after epoch {start}")
+    with folder.open() as o:
+        replacing = o.replacing
+        run_dir = o.stage if replacing else o.path  # where checkpoint.pt and config.toml go during training
+        if not replacing:
+            o.in_place = {"checkpoint.pt", "config.toml"}
+        ck_file = run_dir / "checkpoint.pt"
+        cached = extract_features(fod, train_ds, cfg, device, "features") if cfg.cache_features else None
+        if ck:
+            fod.memories = [m.to(device) for m in ck["memory"]]
+            fod.models.load_state_dict(ck["models"])
+        else:
+            fod.memories = [m.to(device) for m in reference_memory(fod, train_ds, cfg, device, cached)]
+        opt = torch.optim.Adam(fod.models.parameters(), lr=cfg.lr)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        start, history, train_seconds, compat = 0, [], 0.0, {"epochs": []}
+        if ck:
+            opt.load_state_dict(ck["optimizer"])
+            C.set_rng_state(ck["rng"], gen)
+            start, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
+            compat = ck.get("compat", compat)
+            log(f"fod: resuming {ck_path} after epoch {start}")
+        saved = {"epoch": start if ck else None, "config": False}
 
-    def save(epoch, extra=None):
-        C.save(ck_path, cfg=cfg, fod=fod, optimizer=opt, gen=gen, epoch=epoch, history=history,
-               train_seconds=train_seconds, compat=compat, extra=extra)
+        def save(epoch, extra=None):
+            C.save(ck_file, cfg=cfg, fod=fod, optimizer=opt, gen=gen, epoch=epoch, history=history,
+                   train_seconds=train_seconds, compat=compat, extra={"train_data": fingerprint, **(extra or {})})
+            if not saved["config"]:  # with the first checkpoint of this run
+                atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+                saved["config"] = True
+            saved["epoch"] = epoch
 
-    n = len(train_ds)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        sums = train_epoch(fod, opt, cfg, gen, n, cached=cached, train_ds=train_ds,
-                           desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        secs = time.perf_counter() - t0
-        train_seconds += secs
-        history.append({"epoch": epoch + 1, "seconds": secs, **sums})
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {sums['loss']:.4f} rec {sums['rec']:.4f} "
-            f"K_intra {sums['k_intra']:.3f} K_inter {sums['k_inter']:.3f} ({secs:.1f} s, {n / secs:.1f} img/s)")
-        if cfg.compat_official:
-            r = evaluate(fod, test_ds, cfg, device, desc=f"test-set selection, epoch {epoch + 1}")
-            e = {"epoch": epoch + 1, **{k: r[k] for k in ("image_auroc", "pixel_auroc", "aupro")}}
-            compat["epochs"].append(e)
-            log(f"  [compat-official] test set after epoch {epoch + 1}: image AUROC {e['image_auroc']:.4f} "
-                f"pixel AUROC {e['pixel_auroc']:.4f}")
-        save(epoch + 1)
+        def kept() -> str:
+            if replacing:
+                return f"the previous results in {o.path} are unchanged"
+            if saved["epoch"] is None:
+                return "no checkpoint was written"
+            return f"{ck_path} keeps the last good model (epoch {saved['epoch']}; --resume continues from it)"
 
-    log("fod: evaluating the final model on the test set")
-    res = evaluate(fod, test_ds, cfg, device)
-    scale = R.map_scale(res)
-    save(max(cfg.epochs, start), {"map_scale": scale})
-    metrics = public_metrics(res)
-    metrics.update(protocol="honest: trained the configured epochs, final model evaluated once",
-                   epochs=cfg.epochs, train_seconds=train_seconds,
-                   train_seconds_per_epoch=train_seconds / max(1, len(history)) if history else None,
-                   weights=backbone.weights_source, backend=backend, config=to_dict(cfg), score=fod.score_description,
-                   versions=R.versions(backend), history=history)
-    if cfg.compat_official and compat["epochs"]:
-        bi = max(compat["epochs"], key=lambda e: e["image_auroc"])
-        bp = max(compat["epochs"], key=lambda e: e["pixel_auroc"])
-        metrics.update(protocol="COMPAT-OFFICIAL (test-set model selection; see warning)", warning=R.COMPAT_WARNING,
-                       final_epoch={k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
-                       image_auroc=bi["image_auroc"], image_auroc_epoch=bi["epoch"],
-                       pixel_auroc=bp["pixel_auroc"], pixel_auroc_epoch=bp["epoch"],
-                       aupro=bp["aupro"], per_epoch=compat["epochs"])
-    R.write_outputs(out, cfg=cfg, ds=test_ds, res=res, metrics=metrics, history=history, scale=scale,
-                    heatmaps=cfg.heatmaps, products="metrics.json, checkpoint.pt, config.toml, heatmaps/, summary.png",
-                    log=log)
+        n = len(train_ds)
+        try:
+            for epoch in range(start, cfg.epochs):
+                t0 = time.perf_counter()
+                sums = train_epoch(fod, opt, cfg, gen, n, cached=cached, train_ds=train_ds,
+                                   desc=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch + 1)
+                bad = C.nonfinite(fod.models.state_dict())
+                if bad:
+                    raise C.NonFiniteError(f"training diverged in epoch {epoch + 1}: every loss was finite but the "
+                                           f"last update made weights non-finite ({', '.join(bad[:3])})")
+                secs = time.perf_counter() - t0
+                train_seconds += secs
+                history.append({"epoch": epoch + 1, "seconds": secs, **sums})
+                log(f"epoch {epoch + 1}/{cfg.epochs}: loss {sums['loss']:.4f} rec {sums['rec']:.4f} "
+                    f"K_intra {sums['k_intra']:.3f} K_inter {sums['k_inter']:.3f} ({secs:.1f} s, {n / secs:.1f} img/s)")
+                if cfg.compat_official:
+                    r = evaluate(fod, test_ds, cfg, device, desc=f"test-set selection, epoch {epoch + 1}")
+                    e = {"epoch": epoch + 1, **{k: r[k] for k in ("image_auroc", "pixel_auroc", "aupro")}}
+                    compat["epochs"].append(e)
+                    log(f"  [compat-official] test set after epoch {epoch + 1}: image AUROC {e['image_auroc']:.4f} "
+                        f"pixel AUROC {e['pixel_auroc']:.4f}")
+                save(epoch + 1)
+        except C.NonFiniteError as exc:
+            raise C.NonFiniteError(f"{exc}; {kept()}. Lower --lr (now {cfg.lr}) or check the data") from None
+        except WriteError as exc:
+            raise WriteError(exc.errno, f"{exc}; {kept()}") from None
+
+        log("fod: evaluating the final model on the test set")
+        res = evaluate(fod, test_ds, cfg, device)
+        scale = R.map_scale(res)
+        save(max(cfg.epochs, start), {"map_scale": scale})
+        metrics = public_metrics(res)
+        metrics.update(protocol="honest: trained the configured epochs, final model evaluated once",
+                       epochs=cfg.epochs, train_seconds=train_seconds,
+                       train_seconds_per_epoch=train_seconds / max(1, len(history)) if history else None,
+                       weights=backbone.weights_source, backend=backend, config=to_dict(cfg),
+                       preprocess=pre.describe(), score=fod.score_description,
+                       versions=R.versions(backend), history=history)
+        if cfg.compat_official and compat["epochs"]:
+            bi = max(compat["epochs"], key=lambda e: e["image_auroc"])
+            bp = max(compat["epochs"], key=lambda e: e["pixel_auroc"])
+            metrics.update(protocol="COMPAT-OFFICIAL (test-set model selection; see warning)",
+                           warning=R.COMPAT_WARNING,
+                           final_epoch={k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
+                           image_auroc=bi["image_auroc"], image_auroc_epoch=bi["epoch"],
+                           pixel_auroc=bp["pixel_auroc"], pixel_auroc_epoch=bp["epoch"],
+                           aupro=bp["aupro"], per_epoch=compat["epochs"])
+        written = R.write_outputs(o.stage, cfg=cfg, ds=test_ds, res=res, metrics=metrics, history=history,
+                                  scale=scale, heatmaps=cfg.heatmaps)
+        o.commit()
+    R.log_metrics(metrics, folder.path, ", ".join(["checkpoint.pt", "config.toml"] + written), log)
     return metrics

@@ -1,5 +1,6 @@
 """End to end through the command line on a tiny generated dataset: train, test, predict, resume, compat."""
 import json
+import os
 
 import pytest
 import torch
@@ -111,3 +112,107 @@ def test_uncached_features_give_the_same_training(data, tmp_path):
     hb = json.loads((b / "metrics.json").read_text())["history"]
     assert ha[0]["loss"] == pytest.approx(hb[0]["loss"], rel=1e-5)
     assert not list((b / "heatmaps").glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- clear errors, early (issue 11)
+
+@pytest.mark.parametrize("bad,needle", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"), (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lr", "0"], "--lr must be > 0"), (["--lambda1", "-1"], "--lambda1 must be >= 0"),
+    (["--lambda2", "nan"], "--lambda2 must be a finite number"), (["--layers", "0"], "--layers must be >= 1"),
+    (["--heads", "0"], "--heads must be >= 1"), (["--eps", "0"], "--eps must be > 0"),
+    (["--seed", "-1"], "--seed must be >= 0"), (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--levels", "layer2,layer2"], "--levels names a level twice"), (["--batch-size", "0"], "--batch-size must"),
+    (["--image-size", "32", "--resize", "16"], "--resize must be >= 32"), (["--device", "gpu"], "--device must be"),
+    (["--d-model", "6,6"], "--d-model 6 must be a multiple of 4"),
+    (["--workers", "-1"], "--workers must be >= 0"), (["--heatmaps", "-2"], "--heatmaps must be >= -1"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    (["--image-size", "100000"], "--image-size must be <= 4096"), (["--device", "cuda:99"], "CUDA device(s)"),
+    (["--backbone", "resnet_nope"], "unknown backbone 'resnet_nope': not a timm model name"),
+])
+def test_bad_options_are_one_line_errors_and_write_nothing(data, tmp_path, capsys, bad, needle):
+    out = tmp_path / "o"
+    args = TINY
+    overridden = {bad[i] for i in range(0, len(bad), 2) if bad[i].startswith("--")}
+    base = []
+    i = 0
+    while i < len(args):  # TINY without the options this case overrides
+        if args[i] in overridden:
+            i += 1 if args[i] == "--no-pretrained" else 2
+            continue
+        base.append(args[i])
+        i += 1
+    assert main(["train", "--data", str(data), "--output", str(out), *base, *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fod train: error: ") and needle in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_output_folder_errors(data, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((tmp_path / "file", "exists and is not a folder"),
+                        (tmp_path / "file" / "run", "is a file, not a folder"),
+                        ("/proc/1/fod-out", "cannot create output folder /proc/1/fod-out: /proc/1 is not writable")):
+        assert main(["train", "--data", str(data), "--output", str(out), *TINY, "--epochs", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fod train: error: ") and needle in err and "\n" not in err, err
+
+
+def test_output_inside_the_dataset_is_refused(data, tmp_path, capsys):
+    assert main(["train", "--data", str(data), "--output", str(data / "test" / "run"), *TINY]) == 2
+    assert "is inside the dataset folder" in capsys.readouterr().err
+    assert not (data / "test" / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_read_only_output_folder(data, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert main(["train", "--data", str(data), "--output", str(ro / "run"), *TINY, "--epochs", "1"]) == 2
+        assert "is not writable (Permission denied (EACCES))" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_hints_fit_the_command(data, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "summary.png").write_bytes(b"")
+    assert main(["test", "--data", str(data), "--checkpoint", str(tmp_path / "none.pt"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds metrics.json, summary.png; pass --overwrite to replace them" in err and "--resume" not in err
+    assert main(["train", "--data", str(data), "--output", str(out), *TINY]) == 2
+    assert "holds the results of fod test" in capsys.readouterr().err
+
+
+def test_interrupt_is_not_a_traceback(data, tmp_path, capsys, monkeypatch):
+    import fod.train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fod.train, "train", interrupted)
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "o"), *TINY]) == 130
+    assert capsys.readouterr().err.strip() == "fod train: interrupted"
+
+
+def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):
+    for bad, needle in ((["--train-images", "0"], "--train-images must be >= 1"), (["--layers", "0"], "--layers")):
+        assert main(["demo", "--output", str(tmp_path / "d"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fod demo: error: ") and needle in err
+        assert not (tmp_path / "d").exists()
+
+
+def test_empty_output_is_refused(data, capsys):
+    assert main(["train", "--data", str(data), "--output", "", *TINY]) == 2
+    assert "--output is empty" in capsys.readouterr().err
+
+
+def test_heads_must_divide_the_default_width(data, tmp_path, capsys):
+    tiny = [a for i, a in enumerate(TINY) if a != "--d-model" and (i == 0 or TINY[i - 1] != "--d-model")]
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "o"), *tiny, "--heads", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--heads 3 does not divide the model width 512 of level layer1 (the default for its 8x8 grid)" in err
