@@ -31,6 +31,7 @@ CUDA = "csrc/cuda/i2corr_cuda.cu"
 # mutants run the CPU tests (and the ulp tests), not the simulation's long compile: a header mutant that the CPU
 # tests miss reaches the simulation's kernels through the same functions.
 HDR = ("cpu", "ulp")
+CPUG = ("cpu", "api", "edges")
 
 MUTANTS = [
     # ------------------------------------------------------------------ csrc/i2corr_math.h
@@ -63,29 +64,29 @@ MUTANTS = [
            "cpu", HDR, "dsigma element uses p/(p+eps) instead of t/(t+eps)"),
     # ------------------------------------------------------------------ csrc/cpu
     Mutant("cpu-skip-batch", CPU, "b1 = br.Bk == 1 ? br.B : kb + 1;", "b1 = br.Bk == 1 ? br.B - 1 : kb + 1;", "cpu",
-           ("cpu", "api"), "shared memory's dk/dv skip the last batch element (the issue's example)"),
+           CPUG, "shared memory's dk/dv skip the last batch element (the issue's example)"),
     Mutant("cpu-partial-block", CPU, "const int64_t nb = std::min(BM, L - i0);\n  const int64_t kb",
-           "const int64_t nb = std::min(BM, L - i0 - (L % BM != 0));\n  const int64_t kb", "cpu", ("cpu", "api"),
+           "const int64_t nb = std::min(BM, L - i0 - (L % BM != 0));\n  const int64_t kb", "cpu", CPUG,
            "forward: off-by-one in the partial query block (its last row is never computed)"),
     Mutant("cpu-shared-k", CPU, "const int64_t kb = br.Bk == 1 ? 0 : b;", "const int64_t kb = 0;", "cpu",
-           ("cpu", "api"), "forward: every batch element attends to batch 0's keys"),
+           CPUG, "forward: every batch element attends to batch 0's keys"),
     Mutant("cpu-grid-axes", CPU, "    ry = T(i / cols);\n    cx = T(i % cols);",
-           "    ry = T(i % cols);\n    cx = T(i / cols);", "cpu", ("cpu", "api"),
+           "    ry = T(i % cols);\n    cx = T(i / cols);", "cpu", CPUG,
            "prior: swapped grid axes (row/column of the query)"),
     Mutant("cpu-dsigma-axes", CPU, "dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sx);",
-           "dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sy);", "cpu", ("cpu", "api"),
+           "dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sy);", "cpu", CPUG,
            "dsigma_x divided by sigma_y^3"),
     Mutant("cpu-ds-scale", CPU, "dsrow[j] = scale * i2c::ds_elem<T>", "dsrow[j] = i2c::ds_elem<T>", "cpu",
-           ("cpu", "api"), "backward: score scale dropped from ds (dq, dk off by 1/sqrt(D))"),
+           CPUG, "backward: score scale dropped from ds (dq, dk off by 1/sqrt(D))"),
     Mutant("cpu-rowmax", CPU, "for (int64_t j = 0; j < L; ++j) m = std::max(m, srow[j]);",
-           "for (int64_t j = 0; j < L - 1; ++j) m = std::max(m, srow[j]);", "cpu", ("cpu", "api"),
+           "for (int64_t j = 0; j < L - 1; ++j) m = std::max(m, srow[j]);", "cpu", CPUG,
            "forward: the softmax shift ignores the last key",
            harmless=None),
     Mutant("cpu-eps-branch", CPU, "      if (eps > T(0))\n        row_stats<T, true>",
-           "      if (eps >= T(0))\n        row_stats<T, true>", "cpu", ("cpu", "api"),
+           "      if (eps >= T(0))\n        row_stats<T, true>", "cpu", CPUG,
            "forward: eps = 0 takes the eps path (log(p + 0) instead of the exact log-softmax)"),
     Mutant("gemm-no-acc", GEMM, "for (int dd = 0; dd < NJ; ++dd) acc[r][dd] = C[(j + r) * Dp + d0 + dd];",
-           "for (int dd = 0; dd < NJ; ++dd) acc[r][dd] = 0;", "cpu", ("cpu", "api"),
+           "for (int dd = 0; dd < NJ; ++dd) acc[r][dd] = 0;", "cpu", CPUG,
            "dk/dv GEMM overwrites instead of accumulating over query blocks"),
     # ------------------------------------------------------------------ csrc/cuda (run in the CPU simulation)
     Mutant("cuda-grid-axes", CUDA, "  r.qr = float(i / cols);\n  r.qc = float(i % cols);",
