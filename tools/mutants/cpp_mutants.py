@@ -46,11 +46,18 @@ MUTANTS = [
     Mutant("exp-ln2-hi", MATH, "float r = x - n * 0.693145751953125f;", "float r = x - n * 0.6931457f;", "cpu", HDR,
            "exp_poly: ln2 high part rounded (the Cody-Waite product is no longer exact)"),
     Mutant("log-coef", MATH, "poly = poly * z + 2.0f / 7.0f;", "poly = poly * z + 2.0f / 7.1f;", "cpu", HDR,
-           "log_poly series coefficient 2/7 perturbed"),
+           "log_poly series coefficient 2/7 perturbed",
+           harmless="the 2/7 term is (2/7) s^7 <= 4e-6 x 2/7: the change moves log_poly by < 0.6 ulp at the ends of "
+                    "the reduced interval only; measured with test_math_ulp's inputs: max error still 2 ulp, mean "
+                    "0.093 -> 0.100 ulp (FMA build), 0.252 -> 0.258 (simulation flags). An accuracy test cannot tell "
+                    "it from a compiler's different rounding, and the kernels' float32 sums cannot either"),
     Mutant("log-subnormal", MATH, "(sub ? 150.0f : 127.0f)", "(sub ? 149.0f : 127.0f)", "cpu", HDR,
            "log_poly: subnormal exponent offset off by one (every subnormal off by ln2)"),
     Mutant("log-range", MATH, "bool big = m > 1.41421356f;", "bool big = m > 1.5f;", "cpu", HDR,
-           "log_poly: reduction interval [sqrt2/2, sqrt2] moved to [0.75, 1.5]"),
+           "log_poly: reduction interval [sqrt2/2, sqrt2] moved to [0.75, 1.5]",
+           harmless="an equally valid reduction: |s| grows from 0.172 to 0.2, and the series' truncation stays below "
+                    "1e-8 relative; measured: max error still 2 ulp, mean 0.093 -> 0.097 ulp (FMA build), 0.252 -> "
+                    "0.255 (simulation flags)"),
     Mutant("drop-eps", MATH, "T pp = p + eps, tt = t + eps;", "T pp = p + eps, tt = t;", "cpu", HDR,
            "eps dropped from log(t + eps) (the issue's example)"),
     Mutant("dsigma-sign", MATH, "return b * (sum_tw_d2 - W * sum_t_d2) / (s * s * s);",
@@ -80,8 +87,7 @@ MUTANTS = [
            CPUG, "backward: score scale dropped from ds (dq, dk off by 1/sqrt(D))"),
     Mutant("cpu-rowmax", CPU, "for (int64_t j = 0; j < L; ++j) m = std::max(m, srow[j]);",
            "for (int64_t j = 0; j < L - 1; ++j) m = std::max(m, srow[j]);", "cpu", CPUG,
-           "forward: the softmax shift ignores the last key",
-           harmless=None),
+           "forward: the softmax shift ignores the last key"),
     Mutant("cpu-eps-branch", CPU, "      if (eps > T(0))\n        row_stats<T, true>",
            "      if (eps >= T(0))\n        row_stats<T, true>", "cpu", CPUG,
            "forward: eps = 0 takes the eps path (log(p + 0) instead of the exact log-softmax)"),

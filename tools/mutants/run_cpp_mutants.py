@@ -7,7 +7,7 @@ it, and run the relevant test groups. The working tree is never touched. A mutan
 group fails (or the run times out). The test groups of this issue's new tests (NEW_GROUPS) run after the
 others, so one run gives the kill rate without them ("before") and with them ("after").
 
-    python3 tools/mutants/run_cpp_mutants.py                 # all mutants (about an hour on 2 cores)
+    python3 tools/mutants/run_cpp_mutants.py                 # all mutants (1-3 hours on 2 shared cores)
     python3 tools/mutants/run_cpp_mutants.py --only drop-eps,cuda-alpha
     python3 tools/mutants/run_cpp_mutants.py --check         # only check that every mutant still applies
     python3 tools/mutants/run_cpp_mutants.py --baseline      # first run the groups on the unmutated copy
