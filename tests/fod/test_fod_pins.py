@@ -346,6 +346,25 @@ def test_mask_16_bit_any_nonzero_is_a_defect(tmp_path, value):
     assert torch.equal(got, torch.from_numpy(m > 0))
 
 
+@pytest.mark.parametrize("resize,size", [(31, 27), (13, 13), (20, 16)])
+def test_mask_geometry_is_nearest_resize_then_centre_crop(tmp_path, resize, size):
+    """Masks: resize to resize x resize with nearest neighbour (source pixel floor((i + 0.5) * n / resize)), then the
+    centre crop. Kills a bicubic/bilinear mask resize (grey edges change the defect area) and an off-centre crop."""
+    m = (np.random.default_rng(0).random((20, 20)) > 0.7).astype(np.uint8) * 255
+    got = load_mask(_mask_file(tmp_path, m), image_size=size, resize=resize).numpy()
+    idx = np.floor((np.arange(resize) + 0.5) * 20 / resize).astype(int)
+    off = (resize - size) // 2
+    want = (m[np.ix_(idx, idx)] > 0)[off:off + size, off:off + size]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_default_sizes_are_the_recipe_256(tmp_path):
+    """load_image and load_mask default to 256 x 256 (resize 256, centre-crop 256)."""
+    path = _write(tmp_path / "x.png", np.full((40, 30, 3), 9, np.uint8))
+    assert tuple(load_image(path).shape) == (3, 256, 256)
+    assert tuple(load_mask(_mask_file(tmp_path, _pattern(np.uint8, 255))).shape) == (256, 256)
+
+
 # ------------------------------------------------------------------------------------------ defaults
 def test_defaults_of_the_recipe():
     cfg = Config()
