@@ -1,5 +1,13 @@
 """Test session set-up. Triton runs on the CPU under its interpreter when no GPU is present;
-the variable must be set before triton is first imported, hence here."""
+the variable must be set before triton is first imported, hence here.
+
+Hypothesis profiles (HYPOTHESIS_PROFILE=<name>, default "ci"; see docs/MUTATION.md):
+  ci    deterministic (derandomize=True): the same examples on every run, so a failure found once is found
+        every time, and CI is reproducible. Each test's own max_examples applies.
+  gpu   the GPU machine's runs: randomised, each test's own max_examples.
+  long  local bug hunting: randomised, and every test's example budget (its own max_examples, or the default)
+        multiplied by HYPOTHESIS_LONG_FACTOR (default 10). Slow: run a file or a test at a time.
+"""
 import os
 
 import pytest
@@ -10,12 +18,32 @@ if not torch.cuda.is_available():
 
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("ci", deadline=None, print_blob=True, derandomize=False)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+LONG_FACTOR = int(os.environ.get("HYPOTHESIS_LONG_FACTOR", "10"))
+settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True)
 settings.register_profile("gpu", deadline=None, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile("long", deadline=None, print_blob=True, derandomize=False,
+                          max_examples=settings.default.max_examples * LONG_FACTOR)
+if PROFILE not in ("ci", "gpu", "long"):
+    raise pytest.UsageError(f"HYPOTHESIS_PROFILE={PROFILE!r}: choose ci, gpu or long")
+settings.load_profile(PROFILE)
+
+
+def _scale_examples(item):
+    """Under the long profile, multiply a test's own @settings(max_examples=N) too (it overrides the profile)."""
+    fn = getattr(item, "obj", None)
+    own = getattr(fn, "_hypothesis_internal_use_settings", None)  # Hypothesis' per-test settings
+    if own is None or getattr(fn, "_fod_long_scaled", False):  # not a hypothesis test, or done (parametrised)
+        return
+    if own.max_examples < settings.default.max_examples:
+        fn._hypothesis_internal_use_settings = settings(own, max_examples=own.max_examples * LONG_FACTOR)
+    fn._fod_long_scaled = True
 
 
 def pytest_collection_modifyitems(config, items):
+    if PROFILE == "long":
+        for item in items:
+            _scale_examples(item)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
