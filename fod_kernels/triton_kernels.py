@@ -223,7 +223,9 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < L
     mask_d = offs_d < D
-    mask_nd = mask_n[:, None] & mask_d[None, :]
+    # Programs past this branch's k batches (kb >= BK: a batch-shared branch fused with a Bk = B one)
+    # must not touch K, V, DK, DV at all: their rows would lie beyond the tensors.
+    mask_nd = mask_n[:, None] & mask_d[None, :] & (kb < BK)
     k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
     v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
     rj = (offs_n // cols).to(tl.float32)
@@ -266,9 +268,8 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
             dv += _dot(p.to(do.dtype), do, PREC, UPCAST)
             dk += _dot(ds.to(q.dtype), q, PREC, UPCAST)
     dk = dk * scale
-    store_mask = mask_nd & (kb < BK)
-    tl.store(DK + k_base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + k_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_mask)
+    tl.store(DK + k_base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + k_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
 @triton.jit(do_not_specialize=["KBS0", "KBS1"])
