@@ -11,11 +11,15 @@ branch for ``correlation_attention``, two for the fused ``i2correlation``):
     ``r1``/``r2`` the row sums of spec section 3. Where ``need_stats[i]`` is
     False the branch returns ``out`` and ``lse`` and four empty tensors.
 
-``bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses,
+``bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses,
 rows, cols, scale, eps) -> list[Tensor]``
     For each branch ``dq, dk, dv, dsigma`` (dk, dv shaped like k, v: summed
     over the batch when the memory is batch-shared). ``dfull`` is
     <g_out, out> + g_kl_attn * r1 + g_ent * r2, precomputed here.
+
+Layouts: the inputs reach the backend as the caller made them (e.g. (B, L, H, D) projections
+viewed as (B, H, L, D)); each backend copies only what its kernels cannot address in place. Every
+output (out, the statistics, the gradients) is contiguous, whatever the inputs' layout.
 
 ``make_kernel_op`` wraps them as ``torch.library.custom_op``s with autograd,
 so ``torch.compile`` and the autograd engine see one op per pass.
@@ -41,7 +45,7 @@ def _fake_fwd(qs, ks, vs, sigmas, need_stats):
         B, H, L, _ = q.shape
         sd = stats_dtype(q.dtype)
         stat = (lambda: q.new_empty((B, H, L), dtype=sd)) if need else (lambda: q.new_empty((0,), dtype=sd))
-        res += [torch.empty_like(q), stat(), stat(), stat(), q.new_empty((B, H, L), dtype=sd), stat(), stat()]
+        res += [q.new_empty(q.shape), stat(), stat(), stat(), q.new_empty((B, H, L), dtype=sd), stat(), stat()]
     return res
 
 
@@ -69,18 +73,19 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
         return _fake_fwd(qs, ks, vs, sigmas, need_stats)
 
     @torch.library.custom_op(f"fod_kernels::{name}_bwd", mutates_args=())
-    def bwd_op(g_outs: list[torch.Tensor], g_kla: list[torch.Tensor], g_klp: list[torch.Tensor],
+    def bwd_op(g_outs: list[torch.Tensor], g_kl_attns: list[torch.Tensor], g_kl_priors: list[torch.Tensor],
                g_ents: list[torch.Tensor], dfulls: list[torch.Tensor], qs: list[torch.Tensor],
                ks: list[torch.Tensor], vs: list[torch.Tensor], sigmas: list[torch.Tensor],
                lses: list[torch.Tensor], rows: int, cols: int, scale: float,
                eps: float) -> list[torch.Tensor]:
-        return list(bwd(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps))
+        return list(bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale,
+                        eps))
 
     @bwd_op.register_fake
-    def _(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    def _(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
         res = []
         for q, k, v, s in zip(qs, ks, vs, sigmas):
-            res += [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(s)]
+            res += [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), s.new_empty(s.shape)]
         return res
 
     def setup_context(ctx, inputs, output):
@@ -97,36 +102,37 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
         n, rows, cols, scale, eps, need_stats = ctx.meta
         saved = ctx.saved_tensors
         qs, ks, vs, sigmas, outs, lses, r1s, r2s = (list(saved[j * n:(j + 1) * n]) for j in range(8))
-        g_outs, g_kla, g_klp, g_ents, dfulls = [], [], [], [], []
+        g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls = [], [], [], [], []
         for i in range(n):
-            g_out, a, b, e = grads[N_OUT * i:N_OUT * i + 4]
+            g_out, g_kl_attn, g_kl_prior, g_ent = grads[N_OUT * i:N_OUT * i + 4]
             sd = lses[i].dtype
             shape = lses[i].shape
-            g_out = (torch.zeros_like(outs[i]) if g_out is None else g_out).contiguous()
+            g_out = torch.zeros_like(outs[i]) if g_out is None else g_out  # any layout: the backend decides
             if need_stats[i]:
-                a, b, e = ((torch.zeros(shape, dtype=sd, device=g_out.device) if x is None else x.to(sd).contiguous())
-                           for x in (a, b, e))
-                dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1) + a * r1s[i] + e * r2s[i]
+                g_kl_attn, g_kl_prior, g_ent = (
+                    (torch.zeros(shape, dtype=sd, device=g_out.device) if x is None else x.to(sd).contiguous())
+                    for x in (g_kl_attn, g_kl_prior, g_ent))
+                dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1) + g_kl_attn * r1s[i] + g_ent * r2s[i]
             else:
-                a = b = e = torch.zeros(shape, dtype=sd, device=g_out.device)
+                g_kl_attn = g_kl_prior = g_ent = torch.zeros(shape, dtype=sd, device=g_out.device)
                 dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1)
             g_outs.append(g_out)
-            g_kla.append(a)
-            g_klp.append(b)
-            g_ents.append(e)
+            g_kl_attns.append(g_kl_attn)
+            g_kl_priors.append(g_kl_prior)
+            g_ents.append(g_ent)
             dfulls.append(dfull.contiguous())
-        res = bwd_op(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps)
+        res = bwd_op(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps)
         return res[0::N_BWD], res[1::N_BWD], res[2::N_BWD], res[3::N_BWD], None, None, None, None, None
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
     def run(branches, rows, cols, scale, eps, need_stats):
-        qs, ks, vs, sigmas = ([b[j].contiguous() for b in branches] for j in range(4))
+        qs, ks, vs, sigmas = ([b[j] for b in branches] for j in range(4))  # no copies: each backend decides
         res = fwd_op(qs, ks, vs, sigmas, int(rows), int(cols), float(scale), float(eps), [bool(x) for x in need_stats])
         outs = []
         for i, need in enumerate(need_stats):
-            out, kla, klp, ent = res[N_OUT * i:N_OUT * i + 4]
-            outs.append((out, kla, klp, ent) if need else (out, None, None, None))
+            out, kl_attn, kl_prior, ent = res[N_OUT * i:N_OUT * i + 4]
+            outs.append((out, kl_attn, kl_prior, ent) if need else (out, None, None, None))
         return outs
 
     run.fwd_op = fwd_op
