@@ -116,17 +116,45 @@ def _like(t):
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _blocks(L, D, dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Tiles >= 16 (tl.dot's minimum)."""
+# Tile shapes per kernel and head-dim bucket (BLOCK_D): (BLOCK_M, BLOCK_N, num_warps). For the key-side
+# kernel (bwd_dkdv) BLOCK_N is its key block and BLOCK_M the query block it loops over. Every variant
+# compiles for sm_90 without register spills: tests/kernels/test_triton.py::test_no_register_spills_on_sm90
+# lowers each one the launcher can choose and checks its stack frame.
+#
+# fp32 with IEEE dots: the products run on the FMA units, and Triton keeps both dot operands in registers,
+# replicated across the threads that share a row or column of the result (about (rows + cols per thread) x
+# K registers), so the tiles shrink as the head dim grows. Each kernel gets its own shape: they compute the
+# same per-element sequential FMA chain over D for the scores, whatever the tile, so the forward and both
+# backward kernels still see bitwise the same s.
+_TILES_FP32_IEEE = {
+    16: {"fwd": (64, 64, 8), "dkdv": (32, 32, 4), "dq": (32, 64, 8)},
+    32: {"fwd": (64, 64, 8), "dkdv": (64, 32, 8), "dq": (32, 64, 8)},
+    64: {"fwd": (64, 32, 8), "dkdv": (64, 32, 8), "dq": (32, 16, 8)},
+    128: {"fwd": (32, 16, 8), "dkdv": (16, 32, 4), "dq": (16, 16, 4)},
+}
+# Tensor-core dots (bfloat16, float16, and float32 as tf32): one shape for all three kernels, so that they
+# select the same MMA instructions and see bitwise the same scores. The elementwise work per score tile
+# (p, t, four log terms, ds, the prior sums) keeps many tiles live at once; these are the largest shapes
+# found without spills (128 x 64 with 8 warps, used before, spilled up to 2 KB per thread in dq). Whether
+# smaller, spill-free tiles are also faster is for the GPU benchmarks to show: change them here.
+_TILES_MMA = {
+    torch.bfloat16: {16: (64, 16, 4), 32: (64, 16, 4), 64: (64, 16, 4), 128: (32, 16, 4)},
+    torch.float16: {16: (64, 16, 4), 32: (64, 16, 4), 64: (64, 16, 4), 128: (32, 16, 4)},
+    torch.float32: {16: (32, 16, 4), 32: (64, 16, 4), 64: (16, 64, 4), 128: (16, 16, 4)},  # tf32
+}
+
+
+def _blocks(kernel, D, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of kernel "fwd", "dkdv" or "dq". Tiles >= 16 (tl.dot's minimum).
+    Sizes do not select tiles (only the head-dim bucket does), so every L shares one compiled variant."""
     bd = max(16, triton.next_power_of_2(D))
     if _INTERPRET:
         return 16, 16, bd, 4
-    cap = max(16, triton.next_power_of_2(L))
-    if dtype == torch.float32:  # fp32 operands: halve the key tile at large head dims to fit registers
-        bm, bn = 64, (32 if bd >= 128 else 64)
+    if dtype == torch.float32 and _fp32_precision == "ieee":
+        bm, bn, warps = _TILES_FP32_IEEE[bd][kernel]
     else:
-        bm, bn = (64, 64) if bd >= 128 else (128, 64)
-    return min(bm, cap), min(bn, cap), bd, (8 if bm * bn >= 128 * 64 or bd >= 128 else 4)
+        bm, bn, warps = _TILES_MMA[dtype][bd]
+    return bm, bn, bd, warps
 
 
 def _stages(dtype):
@@ -183,7 +211,7 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
         for idx in _groups(qs, need_stats):
             need = bool(need_stats[idx[0]])
             D = qs[idx[0]].shape[-1]
-            bm, bn, bd, warps = _blocks(L, D, dtype)
+            bm, bn, bd, warps = _blocks("fwd", D, dtype)
             grid = (triton.cdiv(L, bm), B * H, len(idx))
             _tk.fwd_kernel[grid](*_pair(ptrs, idx), *_pair(strides, idx), H, L, D, rows, cols, float(scale),
                                  float(eps), STATS=need, EPS_ZERO=need and eps == 0, PREC=_precision(dtype),
@@ -224,22 +252,23 @@ def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lse
             BLOCK_M=bm_z, BLOCK_G=16 if _INTERPRET else 32, num_warps=4, num_stages=3)
         for idx in _groups(qs, [True] * n):
             D = qs[idx[0]].shape[-1]
-            bm, bn, bd, warps = _blocks(L, D, dtype)
             row_g = row[idx[0]:]  # the launch's branch 0 is slot idx[0] of the row buffer
-            common = dict(EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype), BLOCK_M=bm,
-                          BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=_stages(dtype))
+            common = dict(EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype),
+                          num_stages=_stages(dtype))
+            bm, bn, bd, warps = _blocks("dkdv", D, dtype)
             ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dks[j], dvs[j]] for j in range(n)]
             strides = [[x for key in ("q", "k", "v", "s", "do", "dk", "dv") for x in st[j][key]] for j in range(n)]
             bk = [k.shape[0] for k in ks]
             bk_max = max(bk[j] for j in idx)
             _tk.bwd_dkdv_kernel[(triton.cdiv(L, bn), bk_max * H, len(idx))](
                 *_pair(ptrs, idx), row_g, *_pair(strides, idx), bk[idx[0]], bk[idx[-1]], B, H, L, D, rows, cols,
-                float(scale), float(eps), nrow, **common)
+                float(scale), float(eps), nrow, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **common)
+            bm, bn, bd, warps = _blocks("dq", D, dtype)
             ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dqs[j], dss[j]] for j in range(n)]
             strides = [[x for key in ("q", "k", "v", "s", "do", "dq", "ds") for x in st[j][key]] for j in range(n)]
             _tk.bwd_dq_kernel[(triton.cdiv(L, bm), B * H, len(idx))](
                 *_pair(ptrs, idx), row_g, *_pair(strides, idx), H, L, D, rows, cols, float(scale), float(eps), nrow,
-                **common)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **common)
     res = []
     for i in range(n):
         res += [dqs[i], dks[i], dvs[i], dss[i]]

@@ -89,10 +89,17 @@ def _pick3(first, a0, b0, c0, a1, b1, c1):
 # ---------------------------------------------------------------------------
 # Forward: pass 1 (lse, out), logZ, pass 2 (K, E, R1, R2).
 # Integer arguments that only bound loops and masks (sizes, grid shape) are not specialised, so one
-# compiled variant serves every L, grid and batch; strides are (16-divisibility tells the compiler
-# which loads it may vectorise).
+# compiled variant serves every L, grid and batch. The strides of q, k, v, out and their gradients are
+# (their 16-divisibility tells the compiler which row loads it may vectorise); those of sigma and dsigma
+# are not, nor is the alignment of their pointers: two floats per row, never vectorised, and an odd L
+# would otherwise double the variants.
 # ---------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["H", "L", "D", "rows", "cols"])
+_SIGMA_STRIDES = [f"ss_{d}{i}" for i in (0, 1) for d in "bhl"]
+_DSIGMA_STRIDES = [f"sds_{d}{i}" for i in (0, 1) for d in "bhl"]
+
+
+@triton.jit(do_not_specialize=["H", "L", "D", "rows", "cols", *_SIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1"])
 def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
                Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1,
                sq_b0, sq_h0, sq_l0, sk_b0, sk_h0, sk_l0, sv_b0, sv_h0, sv_l0, ss_b0, ss_h0, ss_l0,
@@ -205,7 +212,8 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
 # Backward. ROW: float32 (n_branches, 6, B, H, L) holding lse, dfull, g_kl_attn, g_kl_prior, g_ent, logZ
 # (logZ written by logz_kernel); NROW = B*H*L, the stride between its slots.
 # ---------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["H", "NROW", "L", "rows", "cols"])
+@triton.jit(do_not_specialize=["H", "NROW", "L", "rows", "cols", *_SIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1"])
 def logz_kernel(SG0, SG1, ROW, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1, H, NROW, L, rows, cols,
                 BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -227,7 +235,8 @@ def logz_kernel(SG0, SG1, ROW, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1, H, NROW
     tl.store(ROW + (br.to(tl.int64) * 6 + 5) * NROW + row0 + offs_m, logz, mask=mask_m)
 
 
-@triton.jit(do_not_specialize=["BK0", "BK1", "B", "H", "L", "D", "rows", "cols", "NROW"])
+@triton.jit(do_not_specialize=["BK0", "BK1", "B", "H", "L", "D", "rows", "cols", "NROW", *_SIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1"])
 def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, DV1, ROW,
                     sq_b0, sq_h0, sq_l0, sk_b0, sk_h0, sk_l0, sv_b0, sv_h0, sv_l0, ss_b0, ss_h0, ss_l0,
                     sdo_b0, sdo_h0, sdo_l0, sdk_b0, sdk_h0, sdk_l0, sdv_b0, sdv_h0, sdv_l0,
@@ -329,7 +338,8 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
     tl.store(DV + offs_n[:, None] * sdv_l + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-@triton.jit(do_not_specialize=["H", "L", "D", "rows", "cols", "NROW"])
+@triton.jit(do_not_specialize=["H", "L", "D", "rows", "cols", "NROW", *_SIGMA_STRIDES, *_DSIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1", "DS0", "DS1"])
 def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1, ROW,
                   sq_b0, sq_h0, sq_l0, sk_b0, sk_h0, sk_l0, sv_b0, sv_h0, sv_l0, ss_b0, ss_h0, ss_l0,
                   sdo_b0, sdo_h0, sdo_l0, sdq_b0, sdq_h0, sdq_l0, sds_b0, sds_h0, sds_l0,
