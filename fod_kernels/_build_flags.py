@@ -26,7 +26,8 @@ def cpu_flags() -> list[str]:
     """-O3, OpenMP SIMD pragmas (vectorised reductions without -ffast-math), and AVX2/FMA
     when the build machine has them (FOD_CPU_ARCH overrides, e.g. "" or "-march=x86-64-v3")."""
     # -fopenmp: at::parallel_for is header code; without it an extension runs it on one thread.
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]  # no -std: torch picks its own (C++20 from 2.13)
+    # No -std: torch picks its own (C++17 up to 2.12, C++20 from 2.13); the sources build as both.
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     arch = os.environ.get("FOD_CPU_ARCH")
     if arch is not None:
         flags += arch.split()

@@ -100,8 +100,8 @@ _DSIGMA_STRIDES = [f"sds_{d}{i}" for i in (0, 1) for d in "bhl"]
 
 @triton.jit(do_not_specialize=["H", "L", "D", "rows", "cols", *_SIGMA_STRIDES],
             do_not_specialize_on_alignment=["SG0", "SG1"])
-def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
-               Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1,
+def fwd_kernel(Q0, K0, V0, SG0, OUT0, LSE0, KL0, ENT0, RA0, RB0,
+               Q1, K1, V1, SG1, OUT1, LSE1, KL1, ENT1, RA1, RB1,
                sq_b0, sq_h0, sq_l0, sk_b0, sk_h0, sk_l0, sv_b0, sv_h0, sv_l0, ss_b0, ss_h0, ss_l0,
                so_b0, so_h0, so_l0,
                sq_b1, sq_h1, sq_l1, sk_b1, sk_h1, sk_l1, sv_b1, sv_h1, sv_l1, ss_b1, ss_h1, ss_l1,
@@ -113,9 +113,9 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
     bh = tl.program_id(1)
     first = tl.program_id(2) == 0
     if first:
-        Q, K, V, SG, O, LSE, KL, ENT, RA, RB = Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0
+        Q, K, V, SG, OUT, LSE, KL, ENT, RA, RB = Q0, K0, V0, SG0, OUT0, LSE0, KL0, ENT0, RA0, RB0
     else:
-        Q, K, V, SG, O, LSE, KL, ENT, RA, RB = Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1
+        Q, K, V, SG, OUT, LSE, KL, ENT, RA, RB = Q1, K1, V1, SG1, OUT1, LSE1, KL1, ENT1, RA1, RB1
     sq_b, sq_h, sq_l = _pick3(first, sq_b0, sq_h0, sq_l0, sq_b1, sq_h1, sq_l1)
     sk_b, sk_h, sk_l = _pick3(first, sk_b0, sk_h0, sk_l0, sk_b1, sk_h1, sk_l1)
     sv_b, sv_h, sv_l = _pick3(first, sv_b0, sv_h0, sv_l0, sv_b1, sv_h1, sv_l1)
@@ -128,7 +128,7 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
     K += b * sk_b + h * sk_h  # sk_b = 0 for a batch-shared memory
     V += b * sv_b + h * sv_h
     SG += b * ss_b + h * ss_h
-    O += b * so_b + h * so_h
+    OUT += b * so_b + h * so_h
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -163,9 +163,9 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
     inv_l = 1.0 / l_i
     lse = m_i + log_l
     tl.store(LSE + row0 + offs_m, lse, mask=mask_m)
-    o_ptrs = O + offs_m[:, None] * so_l + offs_d[None, :]
+    o_ptrs = OUT + offs_m[:, None] * so_l + offs_d[None, :]
     if not STATS:
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     else:
         # Pass 2: exact p and t; out, and the row sums of the element terms.
         sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
@@ -201,7 +201,7 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
             ent += tl.sum(tl.where(valid, -p * lp, 0.0), axis=1)
             r1 += tl.sum(tl.where(valid, p * (lp - lt) + pe * (p - t), 0.0), axis=1)
             r2 += tl.sum(tl.where(valid, -p * (lp + pe), 0.0), axis=1)
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         tl.store(KL + row0 + offs_m, kl, mask=mask_m)
         tl.store(ENT + row0 + offs_m, ent, mask=mask_m)
         tl.store(RA + row0 + offs_m, r1, mask=mask_m)
