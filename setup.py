@@ -6,7 +6,8 @@
 installed (an isolated build would fetch another, multi-GB torch and build
 against it). Environment:
     FOD_BUILD_CUDA   auto (default: when torch is a CUDA build and nvcc is found) | 1 (force) | 0 (skip)
-    FOD_CUDA_ARCH    e.g. "80;90" (default), or TORCH_CUDA_ARCH_LIST "8.0;9.0"
+    FOD_CUDA_ARCH    e.g. "80;90" (default), or TORCH_CUDA_ARCH_LIST "8.0;9.0": SASS for each, PTX for the newest
+    FOD_PTXAS_VERBOSE=1  print registers, stack frame and spills of every CUDA kernel (-Xptxas -v)
     FOD_CPU_ARCH     extra CPU flags (default -mavx2 -mfma when the build machine has them)
     CUDA_HOME        the toolkit folder holding lib64/libcudart.so (e.g. /usr/local/cuda)
     MAX_JOBS         parallel compile jobs (ninja)
@@ -28,8 +29,7 @@ def extensions():
     from torch.utils import cpp_extension as ce
 
     inc = [str(ROOT / "csrc")]
-    exts = [ce.CppExtension("fod_kernels._C", ["csrc/cpu/i2corr_cpu.cpp"], include_dirs=inc,
-                            extra_compile_args={"cxx": flags.cpu_flags()}, extra_link_args=flags.cpu_link_flags())]
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh"))
     want = os.environ.get("FOD_BUILD_CUDA", "auto").lower()
     if want not in ("auto", "0", "1"):
         raise SystemExit(f"FOD_BUILD_CUDA must be auto, 0 or 1, got {want!r}")
@@ -41,12 +41,18 @@ def extensions():
         reason = f"no nvcc under CUDA_HOME={ce.CUDA_HOME!r}"
     if want == "1" and reason:
         raise SystemExit(f"FOD_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
-    if want == "0" or (want == "auto" and reason):
-        print(f"fod_kernels: skipping the CUDA extension ({reason or 'FOD_BUILD_CUDA=0'})")
-    else:
-        exts.append(ce.CUDAExtension(
-            "fod_kernels._C_cuda", ["csrc/cuda/i2corr_cuda.cu", "csrc/cuda/bindings.cpp"], include_dirs=inc,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": flags.cuda_flags()}))
+    exts = []
+    for name, (sources, is_cuda) in flags.EXTENSIONS.items():
+        srcs = [f"csrc/{s}" for s in sources]
+        if not is_cuda:
+            exts.append(ce.CppExtension(f"fod_kernels.{name}", srcs, include_dirs=inc, depends=headers,
+                                        extra_compile_args={"cxx": flags.cpu_flags()},
+                                        extra_link_args=flags.cpu_link_flags()))
+        elif want == "0" or (want == "auto" and reason):
+            print(f"fod_kernels: skipping the CUDA extension {name} ({reason or 'FOD_BUILD_CUDA=0'})")
+        else:
+            exts.append(ce.CUDAExtension(f"fod_kernels.{name}", srcs, include_dirs=inc, depends=headers,
+                                         extra_compile_args={"cxx": ["-O3"], "nvcc": flags.cuda_flags()}))
     return exts, ce.BuildExtension.with_options(use_ninja=True)
 
 

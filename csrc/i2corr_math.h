@@ -187,15 +187,17 @@ template <typename T> I2C_HD T tw_elem(T p, T t, const LogTerms<T>& g) {
   return t * (g.lt - g.lp) + g.te * (t - p);
 }
 
-// ds_ij = p (gv - Dfull) + a * r1_elem + e * r2_elem  (gv = <g_out_i, v_j>).
+// ds_ij = p (gv - Dfull) + g_kl_attn * r1_elem + g_ent * r2_elem  (gv = <g_out_i, v_j>; the upstream
+// gradients of kl_attn and entropy, a and e in the spec).
 template <typename T>
-I2C_HD T ds_elem(T p, T t, T gv, T dfull, T a, T e, const LogTerms<T>& g) {
-  return p * (gv - dfull) + a * r1_elem<T>(p, t, g) + e * r2_elem<T>(p, g);
+I2C_HD T ds_elem(T p, T t, T gv, T dfull, T g_kl_attn, T g_ent, const LogTerms<T>& g) {
+  return p * (gv - dfull) + g_kl_attn * r1_elem<T>(p, t, g) + g_ent * r2_elem<T>(p, g);
 }
 
-// dsigma of one axis from the row sums: b * (sum tw d^2 - W * sum t d^2) / s^3.
-template <typename T> I2C_HD T dsigma_axis(T b, T sum_tw_d2, T W, T sum_t_d2, T s) {
-  return b * (sum_tw_d2 - W * sum_t_d2) / (s * s * s);
+// dsigma of one axis from the row sums: g_kl_prior * (sum tw d^2 - W * sum t d^2) / s^3 (g_kl_prior: the
+// upstream gradient of kl_prior, b in the spec).
+template <typename T> I2C_HD T dsigma_axis(T g_kl_prior, T sum_tw_d2, T W, T sum_t_d2, T s) {
+  return g_kl_prior * (sum_tw_d2 - W * sum_t_d2) / (s * s * s);
 }
 
 }  // namespace i2c

@@ -8,11 +8,55 @@ from typing import NamedTuple
 
 import torch
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
-_MODULES = {"cpu": "fod_kernels.backend_cpu", "triton": "fod_kernels.backend_triton",
-            "cuda": "fod_kernels.backend_cuda"}
-# Preference of "auto" per device type, fastest first.
-_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+class Backend(NamedTuple):
+    """One row of the backend table."""
+    name: str
+    module: str            # the module with status(), supports_device() and run (kernel backends)
+    devices: tuple         # device types it runs on ("any": every device torch has)
+    dtypes: str            # input dtypes, as the README states them
+    auto: int | None       # preference of backend="auto" on its devices, 1 = first; None = never chosen
+    summary: str
+
+
+# THE table of backends: BACKENDS, dispatch (get_runner), backend="auto" and the README's table
+# (backend_table_markdown) all derive from it. "auto" tries the kernel backends of a device in the
+# order of their `auto` rank and falls back to "reference" (with a warning). The CUDA order (cuda
+# before triton) is a placeholder until GPU timings exist: a measured result changes it here, and
+# nowhere else.
+BACKEND_TABLE: tuple[Backend, ...] = (
+    Backend("reference", "fod_kernels.reference", ("any",), "any float dtype", None,
+            "pure PyTorch, materialises the L x L matrices; the float64 oracle of the tests"),
+    Backend("cpu", "fod_kernels.backend_cpu", ("cpu",), "float32, float64 (bfloat16/float16 computed in float32)", 1,
+            "fused C++ kernels (csrc/cpu), OpenMP over (branch, batch, head, row block)"),
+    Backend("triton", "fod_kernels.backend_triton", ("cuda",), "float32, bfloat16, float16 (fp32 accumulation)", 2,
+            "fused Triton kernels, FlashAttention-2 style (tensor cores for bf16/fp16/tf32); CPU tensors "
+            "only under the Triton interpreter (tests)"),
+    Backend("cuda", "fod_kernels.backend_cuda", ("cuda",), "float32, bfloat16, float16 (fp32 accumulation)", 1,
+            "fused CUDA C++ kernels (csrc/cuda), SIMT fp32"),
+)
+_TABLE = {b.name: b for b in BACKEND_TABLE}
+BACKENDS = tuple(b.name for b in BACKEND_TABLE)
+KERNEL_BACKENDS = tuple(b.name for b in BACKEND_TABLE if b.name != "reference")
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """The kernel backends backend="auto" tries on a device type, first choice first."""
+    rows = [b for b in BACKEND_TABLE if b.auto is not None and device_type in b.devices]
+    return tuple(b.name for b in sorted(rows, key=lambda b: b.auto))
+
+
+def backend_table_markdown() -> str:
+    """The backend table as Markdown (for the README; `python -c "import fod_kernels._backends as b;
+    print(b.backend_table_markdown())"`)."""
+    lines = ["| backend | devices | dtypes | `auto` preference | what it is |", "|---|---|---|---|---|"]
+    for b in BACKEND_TABLE:
+        if b.auto is None:
+            pref = "fallback" if b.name == "reference" else "never"
+        else:
+            pref = ", ".join(f"{dev}: {auto_order(dev).index(b.name) + 1}" for dev in b.devices)
+        lines.append(f"| `{b.name}` | {', '.join(b.devices)} | {b.dtypes} | {pref} | {b.summary} |")
+    return "\n".join(lines)
 
 
 class BackendStatus(NamedTuple):
@@ -21,7 +65,7 @@ class BackendStatus(NamedTuple):
 
 
 def _module(name):
-    return importlib.import_module(_MODULES[name])
+    return importlib.import_module(_TABLE[name].module)
 
 
 def backend_status(name: str) -> BackendStatus:
@@ -53,7 +97,7 @@ _warned = set()
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn 'auto' into a concrete backend; raise if an explicit one cannot run."""
     if backend == "auto":
-        order = _AUTO_ORDER.get(device.type, ())
+        order = auto_order(device.type)
         reasons = []
         for name in order:
             st = backend_status(name)
@@ -80,22 +124,27 @@ def resolve_backend_name(backend: str, device_type: str) -> str:
     """resolve_backend, memoised per (backend, device type); a constant for torch.compile."""
     key = (backend, device_type)
     if key not in _resolved:
-        _resolved[key] = resolve_backend(backend, torch.device(device_type))
+        name = resolve_backend(backend, torch.device(device_type))
+        if name != "reference":
+            _load_runner(name)  # imported here, eagerly: get_runner is then a dict lookup, traceable
+        _resolved[key] = name
     return _resolved[key]
 
 
 _resolved: dict = {}
 
 
+_runners: dict = {}  # name -> run, filled outside any torch.compile trace (dynamo does not trace imports)
+
+
+def _load_runner(name: str):
+    if name not in _runners:
+        if name not in KERNEL_BACKENDS:
+            raise ValueError(f"unknown kernel backend {name!r}; kernel backends: {KERNEL_BACKENDS}")
+        _runners[name] = importlib.import_module(_TABLE[name].module).run
+    return _runners[name]
+
+
 def get_runner(name: str):
-    """run(branches, rows, cols, scale, eps, need_stats) of a kernel backend (static imports, traceable)."""
-    if name == "cpu":
-        from . import backend_cpu
-        return backend_cpu.run
-    if name == "cuda":
-        from . import backend_cuda
-        return backend_cuda.run
-    if name == "triton":
-        from . import backend_triton
-        return backend_triton.run
-    raise ValueError(f"unknown kernel backend {name!r}")
+    """run(branches, rows, cols, scale, eps, need_stats) of a kernel backend."""
+    return _runners[name] if name in _runners else _load_runner(name)

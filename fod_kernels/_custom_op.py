@@ -14,7 +14,7 @@ branch for ``correlation_attention``, two for the fused ``i2correlation``):
     list[int], which torch.jit.trace can record). ``sigma`` is in the
     statistics dtype: float32 while q, k, v are bfloat16/float16.
 
-``bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses,
+``bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses,
 rows, cols, scale, eps) -> list[Tensor]``
     For each branch ``dq, dk, dv, dsigma`` (dk, dv shaped like k, v: summed
     over the batch when the memory is batch-shared). ``dfull`` is
@@ -28,6 +28,10 @@ which torch.compile uses. Eager calls go through two
 transforms see them) around the same two ops: forward-mode AD (jvp) and a
 second backward raise an error that names ``backend="reference"``, which
 supports them, instead of PyTorch's silent zero tangent (custom ops have no jvp).
+
+Layouts: the inputs reach the backend as the caller made them (e.g. (B, L, H, D) projections
+viewed as (B, H, L, D)); each backend copies only what its kernels cannot address in place. Every
+output (out, the statistics, the gradients) is contiguous, whatever the inputs' layout.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def _fake_fwd(qs, ks, vs, sigmas, need_stats):
         B, H, L, _ = q.shape
         sd = stats_dtype(q.dtype)
         stat = (lambda: q.new_empty((B, H, L), dtype=sd)) if need else (lambda: q.new_empty((0,), dtype=sd))
-        res += [torch.empty_like(q), stat(), stat(), stat(), q.new_empty((B, H, L), dtype=sd), stat(), stat()]
+        res += [q.new_empty(q.shape), stat(), stat(), stat(), q.new_empty((B, H, L), dtype=sd), stat(), stat()]
     return res
 
 
@@ -111,21 +115,21 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
         return _fake_fwd(qs, ks, vs, sigmas, need_stats)
 
     @torch.library.custom_op(f"fod_kernels::{name}_bwd", mutates_args=())
-    def bwd_op(g_outs: list[torch.Tensor], g_kl_attn: list[torch.Tensor], g_kl_prior: list[torch.Tensor],
+    def bwd_op(g_outs: list[torch.Tensor], g_kl_attns: list[torch.Tensor], g_kl_priors: list[torch.Tensor],
                g_ents: list[torch.Tensor], dfulls: list[torch.Tensor], qs: list[torch.Tensor],
                ks: list[torch.Tensor], vs: list[torch.Tensor], sigmas: list[torch.Tensor],
                lses: list[torch.Tensor], rows: int, cols: int, scale: float,
                eps: float) -> list[torch.Tensor]:
         sig = [s.to(q.dtype) for s, q in zip(sigmas, qs)] if sigma_as_input else sigmas
-        res = list(bwd(g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sig, lses, rows, cols, scale, eps))
+        res = list(bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sig, lses, rows, cols, scale, eps))
         like = [t for i in range(len(qs)) for t in (qs[i], ks[i], vs[i], sigmas[i])]
         return [r.to(x.dtype) for r, x in zip(res, like)]  # dsigma in sigma's dtype (float32 with bf16 q)
 
     @bwd_op.register_fake
-    def _(g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    def _(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
         res = []
         for q, k, v, s in zip(qs, ks, vs, sigmas):
-            res += [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(s)]
+            res += [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), s.new_empty(s.shape)]
         return res
 
     @fwd_op.register_vmap
@@ -168,24 +172,25 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
         """The flat argument list of the _bwd op: upstream gradients (zeros for unused outputs), dfull, inputs, lse."""
         n, rows, cols, scale, eps, need_stats = ctx.meta
         qs, ks, vs, sigmas, outs, lses, r1s, r2s = _split(ctx.saved_tensors, n, 8)
-        g_outs, g_kla, g_klp, g_ents, dfulls = [], [], [], [], []
+        g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls = [], [], [], [], []
         for i in range(n):
-            g_out, a, b, e = grads[N_OUT * i:N_OUT * i + 4]
+            g_out, g_kl_attn, g_kl_prior, g_ent = grads[N_OUT * i:N_OUT * i + 4]
             sd, shape = lses[i].dtype, lses[i].shape
             zero = lambda: torch.zeros(shape, dtype=sd, device=outs[i].device)  # noqa: E731
-            g_out = (torch.zeros_like(outs[i]) if g_out is None else g_out).contiguous()
+            g_out = torch.zeros_like(outs[i]) if g_out is None else g_out  # any layout: the backend decides
             if need_stats[i]:
-                a, b, e = (zero() if x is None else x.to(sd).contiguous() for x in (a, b, e))
-                dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1) + a * r1s[i] + e * r2s[i]
+                g_kl_attn, g_kl_prior, g_ent = (zero() if x is None else x.to(sd).contiguous()
+                                                for x in (g_kl_attn, g_kl_prior, g_ent))
+                dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1) + g_kl_attn * r1s[i] + g_ent * r2s[i]
             else:
-                a, b, e = zero(), zero(), zero()
+                g_kl_attn, g_kl_prior, g_ent = zero(), zero(), zero()
                 dfull = (g_out.to(sd) * outs[i].to(sd)).sum(-1)
             g_outs.append(g_out)
-            g_kla.append(a)
-            g_klp.append(b)
-            g_ents.append(e)
+            g_kl_attns.append(g_kl_attn)
+            g_kl_priors.append(g_kl_prior)
+            g_ents.append(g_ent)
             dfulls.append(dfull.contiguous())
-        return [*g_outs, *g_kla, *g_klp, *g_ents, *dfulls, *qs, *ks, *vs, *sigmas, *lses]
+        return [*g_outs, *g_kl_attns, *g_kl_priors, *g_ents, *dfulls, *qs, *ks, *vs, *sigmas, *lses]
 
     # Eager: two autograd.Functions with setup_context (torch.func sees them), refusing what the kernels lack.
     class Backward(torch.autograd.Function):
@@ -246,7 +251,7 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     fwd_op.register_autograd(op_backward, setup_context=op_setup_context)
 
     def run(branches, rows, cols, scale, eps, need_stats):
-        qs, ks, vs, sigmas = ([b[j].contiguous() for b in branches] for j in range(4))
+        qs, ks, vs, sigmas = ([b[j] for b in branches] for j in range(4))  # no copies: each backend decides
         args = (int(rows), int(cols), float(scale), float(eps), [int(bool(x)) for x in need_stats])
         if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the op itself, with its autograd formula
             res = fwd_op(qs, ks, vs, sigmas, *args)
@@ -254,8 +259,8 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
             res = Forward.apply(len(branches), *args, *qs, *ks, *vs, *sigmas)
         outs = []
         for i, need in enumerate(need_stats):
-            out, kla, klp, ent = res[N_OUT * i:N_OUT * i + 4]
-            outs.append((out, kla, klp, ent) if need else (out, None, None, None))
+            out, kl_attn, kl_prior, ent = res[N_OUT * i:N_OUT * i + 4]
+            outs.append((out, kl_attn, kl_prior, ent) if need else (out, None, None, None))
         return outs
 
     run.fwd_op = fwd_op

@@ -5,13 +5,10 @@ import importlib
 import os
 from pathlib import Path
 
+from ._build_flags import EXTENSIONS
+
 _ROOT = Path(__file__).resolve().parent.parent
 _CSRC = _ROOT / "csrc"
-# name -> (sources relative to csrc/, is_cuda)
-EXTENSIONS = {
-    "_C": (["cpu/i2corr_cpu.cpp"], False),
-    "_C_cuda": (["cuda/i2corr_cuda.cu", "cuda/bindings.cpp"], True),
-}
 _cache: dict[str, tuple] = {}
 
 

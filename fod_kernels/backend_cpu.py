@@ -42,12 +42,12 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
     return res
 
 
-def bwd(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
     dt = qs[0].dtype
     cd = _compute_dtype(dt)
     cast = lambda ts: [t.to(cd).contiguous() for t in ts]  # noqa: E731
-    res = _ext_mod().backward(cast(g_outs), cast(g_kla), cast(g_klp), cast(g_ents), cast(dfulls), cast(qs), cast(ks),
-                              cast(vs), cast(sigmas), cast(lses), rows, cols, scale, eps)
+    res = _ext_mod().backward(cast(g_outs), cast(g_kl_attns), cast(g_kl_priors), cast(g_ents), cast(dfulls), cast(qs),
+                              cast(ks), cast(vs), cast(sigmas), cast(lses), rows, cols, scale, eps)
     return [r.to(dt) for r in res] if cd != dt else res
 
 

@@ -1,7 +1,8 @@
 """Backend "cuda": the fused CUDA C++ kernels of csrc/cuda (extension fod_kernels._C_cuda).
 
 float32, bfloat16 and float16 inputs; every product and sum is float32 (SIMT kernels, no tensor
-cores), the statistics are float32, out and the gradients come back in the input dtype. float64
+cores), the statistics are float32, out and the gradients come back in the input dtype (contiguous).
+Strided inputs (contiguous last dimension) are read in place. float64
 is refused by the extension with an error that names the backends that take it.
 """
 from __future__ import annotations
@@ -31,15 +32,23 @@ def _ext_mod():
     return _ext.require("_C_cuda")
 
 
+def _inner(t):
+    """t with a contiguous last dimension (the kernels take any (batch, head, row) strides, so the
+    module's (B, L, H, D) projections viewed as (B, H, L, D) are used in place)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
-    return _ext_mod().forward(list(qs), list(ks), list(vs), list(sigmas), rows, cols, scale, eps, list(need_stats))
+    qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
+    return _ext_mod().forward(qs, ks, vs, sigmas, rows, cols, scale, eps, list(need_stats))
 
 
-def bwd(g_outs, g_kla, g_klp, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
-    g_outs = [g.to(q.dtype).contiguous() for g, q in zip(g_outs, qs)]  # no-ops unless a caller mixes dtypes
-    f32 = lambda ts: [t.float().contiguous() for t in ts]  # noqa: E731
-    return _ext_mod().backward(g_outs, f32(g_kla), f32(g_klp), f32(g_ents), f32(dfulls), list(qs), list(ks),
-                               list(vs), list(sigmas), f32(lses), rows, cols, scale, eps)
+def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    g_outs = [_inner(g.to(q.dtype)) for g, q in zip(g_outs, qs)]  # .to: a no-op unless a caller mixes dtypes
+    qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
+    rowv = lambda ts: [t.float().contiguous() for t in ts]  # noqa: E731  (B, H, L) float32 row vectors
+    return _ext_mod().backward(g_outs, rowv(g_kl_attns), rowv(g_kl_priors), rowv(g_ents), rowv(dfulls), qs, ks, vs,
+                               sigmas, rowv(lses), rows, cols, scale, eps)
 
 
 run = make_kernel_op("cuda", fwd, bwd)

@@ -12,6 +12,7 @@ Triton interpreter (``TRITON_INTERPRET=1``, slow, for tests).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -82,17 +83,78 @@ def _check(q):
         raise RuntimeError(f"triton backend cannot run on {q.device}: {why}")
 
 
-def _blocks(L, D, dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). Tiles >= 16 (tl.dot's minimum)."""
+def _device_guard(device):
+    """Launch on the tensors' device, not the current one (a tensor on cuda:1 with cuda:0 current)."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _inner(t):
+    """t with a contiguous last dimension: the kernels take any (batch, head, row) strides, but read
+    each row as one contiguous run (as FlashAttention does). Views such as the module's (B, L, H, D)
+    projections transposed to (B, H, L, D) qualify and are used in place."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _strides(t, shared=False):
+    """(batch, head, row) strides of a 4-D tensor; 0 for the batch of a batch-shared memory and for any
+    dimension of size 1 (never stepped over), so that such strides do not create compiled variants."""
+    if t.dim() != 4:
+        raise ValueError(f"expected a 4-D tensor, got shape {tuple(t.shape)}")
+    st = [0 if n == 1 else s for n, s in zip(t.shape[:3], t.stride()[:3])]
+    if shared:
+        st[0] = 0
+    # Offsets within one (batch, head) slab are 32-bit in the kernels.
+    if (t.shape[2] - 1) * st[2] + t.shape[3] >= 2 ** 31:
+        raise ValueError(f"the triton backend addresses one (batch, head) slab with 32-bit offsets; a tensor of shape "
+                         f"{tuple(t.shape)} and strides {t.stride()} spans more")
+    return st
+
+
+def _like(t):
+    """An output of t's shape, dtype and device: contiguous, as the op's contract (and its fake) says."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+# Tile shapes per kernel and head-dim bucket (BLOCK_D): (BLOCK_M, BLOCK_N, num_warps). For the key-side
+# kernel (bwd_dkdv) BLOCK_N is its key block and BLOCK_M the query block it loops over. Every variant
+# compiles for sm_90 without register spills: tests/kernels/test_triton.py::test_no_register_spills_on_sm90
+# lowers each one the launcher can choose and checks its stack frame.
+#
+# fp32 with IEEE dots: the products run on the FMA units, and Triton keeps both dot operands in registers,
+# replicated across the threads that share a row or column of the result (about (rows + cols per thread) x
+# K registers), so the tiles shrink as the head dim grows. Each kernel gets its own shape: they compute the
+# same per-element sequential FMA chain over D for the scores, whatever the tile, so the forward and both
+# backward kernels still see bitwise the same s.
+_TILES_FP32_IEEE = {
+    16: {"fwd": (64, 64, 8), "dkdv": (32, 32, 4), "dq": (32, 64, 8)},
+    32: {"fwd": (64, 64, 8), "dkdv": (64, 32, 8), "dq": (32, 64, 8)},
+    64: {"fwd": (64, 32, 8), "dkdv": (64, 32, 8), "dq": (32, 16, 8)},
+    128: {"fwd": (32, 16, 8), "dkdv": (16, 32, 4), "dq": (16, 16, 4)},
+}
+# Tensor-core dots (bfloat16, float16, and float32 as tf32): one shape for all three kernels, so that they
+# select the same MMA instructions and see bitwise the same scores. The elementwise work per score tile
+# (p, t, four log terms, ds, the prior sums) keeps many tiles live at once; these are the largest shapes
+# found without spills (128 x 64 with 8 warps, used before, spilled up to 2 KB per thread in dq). Whether
+# smaller, spill-free tiles are also faster is for the GPU benchmarks to show: change them here.
+_TILES_MMA = {
+    torch.bfloat16: {16: (64, 16, 4), 32: (64, 16, 4), 64: (64, 16, 4), 128: (32, 16, 4)},
+    torch.float16: {16: (64, 16, 4), 32: (64, 16, 4), 64: (64, 16, 4), 128: (32, 16, 4)},
+    torch.float32: {16: (32, 16, 4), 32: (64, 16, 4), 64: (16, 64, 4), 128: (16, 16, 4)},  # tf32
+}
+
+
+def _blocks(kernel, D, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of kernel "fwd", "dkdv" or "dq". Tiles >= 16 (tl.dot's minimum).
+    Sizes do not select tiles (only the head-dim bucket does), so every L shares one compiled variant."""
     bd = max(16, triton.next_power_of_2(D))
     if _INTERPRET:
         return 16, 16, bd, 4
-    cap = max(16, triton.next_power_of_2(L))
-    if dtype == torch.float32:  # fp32 operands: halve the key tile at large head dims to fit registers
-        bm, bn = 64, (32 if bd >= 128 else 64)
+    if dtype == torch.float32 and _fp32_precision == "ieee":
+        bm, bn, warps = _TILES_FP32_IEEE[bd][kernel]
     else:
-        bm, bn = (64, 64) if bd >= 128 else (128, 64)
-    return min(bm, cap), min(bn, cap), bd, (8 if bm * bn >= 128 * 64 or bd >= 128 else 4)
+        bm, bn, warps = _TILES_MMA[dtype][bd]
+    return bm, bn, bd, warps
 
 
 def _stages(dtype):
@@ -118,82 +180,95 @@ def _groups(qs, need_stats):
     return list(groups.values())
 
 
-def _pair(xs, idx):
-    """The (branch 0, branch 1) arguments of a launch over the branches idx (1 or 2 of them)."""
-    return xs[idx[0]], xs[idx[-1]]
+def _pair(per_branch, idx):
+    """The flattened (branch 0, branch 1) arguments of a launch over the branches idx (1 or 2 of them)."""
+    return [a for j in (idx[0], idx[-1]) for a in per_branch[j]]
 
 
 def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
-    qs, ks, vs, sigmas = ([t.contiguous() for t in ts] for ts in (qs, ks, vs, sigmas))
+    qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
     for q in qs:
         _check(q)
     B, H, L, _ = qs[0].shape
+    dev = qs[0].device
     res = []
     for q, need in zip(qs, need_stats):
-        stat = (lambda: torch.empty((B, H, L), dtype=torch.float32, device=q.device)) if need else \
-            (lambda: torch.empty((0,), dtype=torch.float32, device=q.device))
-        lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-        res.append([torch.empty_like(q), lse, stat(), stat(), stat(), stat()])
+        stat = (lambda: torch.empty((B, H, L), dtype=torch.float32, device=dev)) if need else \
+            (lambda: torch.empty((0,), dtype=torch.float32, device=dev))
+        lse = torch.empty((B, H, L), dtype=torch.float32, device=dev)
+        res.append([_like(q), lse, stat(), stat(), stat(), stat()])
     dtype = qs[0].dtype
-    for idx in _groups(qs, need_stats):
-        need = bool(need_stats[idx[0]])
-        D = qs[idx[0]].shape[-1]
-        bm, bn, bd, warps = _blocks(L, D, dtype)
-        kbs = [H * L * D if k.shape[0] > 1 else 0 for k in ks]
-        per_branch = []
-        for j in (idx[0], idx[-1]):
-            out, lse, kl, ent, r1, r2 = res[j]
-            if not need:  # statistics pointers are not touched when STATS is off
-                kl = ent = r1 = r2 = lse
-            per_branch += [qs[j], ks[j], vs[j], sigmas[j], out, lse, kl, ent, r1, r2]
-        grid = (triton.cdiv(L, bm), B * H, len(idx))
-        _tk.fwd_kernel[grid](*per_branch, *_pair(kbs, idx), H, L, D, rows, cols, float(scale), float(eps),
-                             STATS=need, EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype),
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_G=16 if _INTERPRET else 32,
-                             num_warps=warps, num_stages=_stages(dtype))
+    ptrs, strides = [], []
+    for i, need in enumerate(need_stats):
+        out, lse, kl, ent, r1, r2 = res[i]
+        if not need:  # statistics pointers are not touched when STATS is off
+            kl = ent = r1 = r2 = lse
+        ptrs.append([qs[i], ks[i], vs[i], sigmas[i], out, lse, kl, ent, r1, r2])
+        shared = ks[i].shape[0] == 1
+        strides.append([*_strides(qs[i]), *_strides(ks[i], shared), *_strides(vs[i], shared), *_strides(sigmas[i]),
+                        *_strides(out)])
+    with _device_guard(dev):
+        for idx in _groups(qs, need_stats):
+            need = bool(need_stats[idx[0]])
+            D = qs[idx[0]].shape[-1]
+            bm, bn, bd, warps = _blocks("fwd", D, dtype)
+            grid = (triton.cdiv(L, bm), B * H, len(idx))
+            _tk.fwd_kernel[grid](*_pair(ptrs, idx), *_pair(strides, idx), H, L, D, rows, cols, float(scale),
+                                 float(eps), STATS=need, EPS_ZERO=need and eps == 0, PREC=_precision(dtype),
+                                 UPCAST=_upcast(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                                 BLOCK_G=16 if _INTERPRET else 32, num_warps=warps, num_stages=_stages(dtype))
     return [t for r in res for t in r]
 
 
-def bwd(g_outs, g_kls_attn, g_kls_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
-    qs, ks, vs, sigmas, g_outs = ([t.contiguous() for t in ts] for ts in (qs, ks, vs, sigmas, g_outs))
+def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    qs, ks, vs, sigmas, g_outs = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas, g_outs))
     for q in qs:
         _check(q)
     n = len(qs)
     B, H, L, _ = qs[0].shape
     dev = qs[0].device
-    # Per-row float32 inputs of both branches in one buffer: lse, dfull, a, b, e, logZ (filled below).
+    # Per-row float32 inputs of both branches in one buffer: lse, dfull, g_kl_attn, g_kl_prior, g_ent, logZ
+    # (logZ filled below).
     row = torch.empty((n, 6, B, H, L), dtype=torch.float32, device=dev)
     for i in range(n):
-        for j, x in enumerate((lses[i], dfulls[i], g_kls_attn[i], g_kls_prior[i], g_ents[i])):
+        for j, x in enumerate((lses[i], dfulls[i], g_kl_attns[i], g_kl_priors[i], g_ents[i])):
             row[i, j].copy_(x)
     nrow = B * H * L
-    dqs = [torch.empty_like(q) for q in qs]
-    dks = [torch.empty_like(k) for k in ks]
-    dvs = [torch.empty_like(v) for v in vs]
-    dss = [torch.empty_like(s) for s in sigmas]
-    bm_z = 16 if _INTERPRET else 64
-    _tk.logz_kernel[(triton.cdiv(L, bm_z), B * H, n)](sigmas[0], sigmas[-1], row, nrow, L, rows, cols,
-                                                       BLOCK_M=bm_z, BLOCK_G=16 if _INTERPRET else 32)
+    dqs = [_like(q) for q in qs]
+    dks = [_like(k) for k in ks]
+    dvs = [_like(v) for v in vs]
+    dss = [_like(s) for s in sigmas]
+    st = []
+    for i in range(n):
+        shared = ks[i].shape[0] == 1
+        st.append(dict(q=_strides(qs[i]), k=_strides(ks[i], shared), v=_strides(vs[i], shared),
+                       s=_strides(sigmas[i]), do=_strides(g_outs[i]), dq=_strides(dqs[i]),
+                       dk=_strides(dks[i], shared), dv=_strides(dvs[i], shared), ds=_strides(dss[i])))
     dtype = qs[0].dtype
-    for idx in _groups(qs, [True] * n):
-        D = qs[idx[0]].shape[-1]
-        bm, bn, bd, warps = _blocks(L, D, dtype)
-        row_g = row[idx[0]:]  # the launch's branch 0 is slot idx[0] of the row buffer
-        common = dict(EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype), BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=bd, num_warps=warps, num_stages=_stages(dtype))
-        args = []
-        for j in (idx[0], idx[-1]):
-            args += [qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dks[j], dvs[j]]
-        bk = [k.shape[0] for k in ks]
-        bk_max = max(bk[j] for j in idx)
-        _tk.bwd_dkdv_kernel[(triton.cdiv(L, bn), bk_max * H, len(idx))](
-            *args, row_g, *_pair(bk, idx), B, H, L, D, rows, cols, float(scale), float(eps), nrow, **common)
-        args = []
-        for j in (idx[0], idx[-1]):
-            args += [qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dqs[j], dss[j]]
-        kbs = [H * L * D if k.shape[0] > 1 else 0 for k in ks]
-        _tk.bwd_dq_kernel[(triton.cdiv(L, bm), B * H, len(idx))](
-            *args, row_g, *_pair(kbs, idx), H, L, D, rows, cols, float(scale), float(eps), nrow, **common)
+    with _device_guard(dev):
+        bm_z = 16 if _INTERPRET else 64
+        _tk.logz_kernel[(triton.cdiv(L, bm_z), B * H, n)](
+            sigmas[0], sigmas[-1], row, *st[0]["s"], *st[-1]["s"], H, nrow, L, rows, cols,
+            BLOCK_M=bm_z, BLOCK_G=16 if _INTERPRET else 32, num_warps=4, num_stages=3)
+        for idx in _groups(qs, [True] * n):
+            D = qs[idx[0]].shape[-1]
+            row_g = row[idx[0]:]  # the launch's branch 0 is slot idx[0] of the row buffer
+            common = dict(EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype),
+                          num_stages=_stages(dtype))
+            bm, bn, bd, warps = _blocks("dkdv", D, dtype)
+            ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dks[j], dvs[j]] for j in range(n)]
+            strides = [[x for key in ("q", "k", "v", "s", "do", "dk", "dv") for x in st[j][key]] for j in range(n)]
+            bk = [k.shape[0] for k in ks]
+            bk_max = max(bk[j] for j in idx)
+            _tk.bwd_dkdv_kernel[(triton.cdiv(L, bn), bk_max * H, len(idx))](
+                *_pair(ptrs, idx), row_g, *_pair(strides, idx), bk[idx[0]], bk[idx[-1]], B, H, L, D, rows, cols,
+                float(scale), float(eps), nrow, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **common)
+            bm, bn, bd, warps = _blocks("dq", D, dtype)
+            ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dqs[j], dss[j]] for j in range(n)]
+            strides = [[x for key in ("q", "k", "v", "s", "do", "dq", "ds") for x in st[j][key]] for j in range(n)]
+            _tk.bwd_dq_kernel[(triton.cdiv(L, bm), B * H, len(idx))](
+                *_pair(ptrs, idx), row_g, *_pair(strides, idx), H, L, D, rows, cols, float(scale), float(eps), nrow,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **common)
     res = []
     for i in range(n):
         res += [dqs[i], dks[i], dvs[i], dss[i]]

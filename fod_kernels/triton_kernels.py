@@ -3,9 +3,13 @@
 FlashAttention-2 style: no L x L matrix ever reaches global memory. Every
 kernel takes the pointers of up to two branches (suffix 0 and 1, the intra and
 inter branch of the fused call) and picks its branch from ``program_id(2)``, so
-both branches run in one launch. Within a branch all tensors are contiguous:
-q, out, dq (B,H,L,D); k, v, dk, dv (Bk,H,L,D) with k-batch stride ``KBS`` = H*L*D
-or 0 (Bk = 1, batch-shared memory); sigma, dsigma (B,H,L,2); row vectors (B,H,L).
+both branches run in one launch.
+
+Layouts: q, out, dq, g_out (B,H,L,D); k, v, dk, dv (Bk,H,L,D); sigma, dsigma (B,H,L,2) are
+addressed through their (batch, head, row) strides, with the last dimension contiguous, so that
+a module's (B,L,H,D) projections viewed as (B,H,L,D) are read in place, without copies. The
+k/v batch stride is passed as 0 for a batch-shared memory (Bk = 1). Row vectors (lse, the
+statistics, the backward's ROW buffer) are the launcher's own contiguous (B,H,L) tensors.
 
 The element terms follow csrc/i2corr_math.h: with p, t the probabilities,
 lp = log(p + eps), lt = log(t + eps), pe = p / (p + eps), te = t / (t + eps),
@@ -75,32 +79,62 @@ def _log_terms(p, t, lp_exact, lt_exact, eps, EPS_ZERO: tl.constexpr):
     return lp, lt, pe, te
 
 
+@triton.jit
+def _pick3(first, a0, b0, c0, a1, b1, c1):
+    """The (batch, head, row) strides of branch 0 or 1. A select, not an if: a stride of 1 is a
+    compile-time constant in one branch and a runtime integer in the other, which an if cannot join."""
+    return tl.where(first, a0, a1), tl.where(first, b0, b1), tl.where(first, c0, c1)
+
+
 # ---------------------------------------------------------------------------
 # Forward: pass 1 (lse, out), logZ, pass 2 (K, E, R1, R2).
+# Integer arguments that only bound loops and masks (sizes, grid shape) are not specialised, so one
+# compiled variant serves every L, grid and batch. The strides of q, k, v, out and their gradients are
+# (their 16-divisibility tells the compiler which row loads it may vectorise); those of sigma and dsigma
+# are not, nor is the alignment of their pointers: two floats per row, never vectorised, and an odd L
+# would otherwise double the variants.
 # ---------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["KBS0", "KBS1"])
-def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
-               Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1,
-               KBS0, KBS1, H, L, D, rows, cols, scale, eps,
+_SIGMA_STRIDES = [f"ss_{d}{i}" for i in (0, 1) for d in "bhl"]
+_DSIGMA_STRIDES = [f"sds_{d}{i}" for i in (0, 1) for d in "bhl"]
+
+
+@triton.jit(do_not_specialize=["H", "L", "D", "rows", "cols", *_SIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1"])
+def fwd_kernel(Q0, K0, V0, SG0, OUT0, LSE0, KL0, ENT0, RA0, RB0,
+               Q1, K1, V1, SG1, OUT1, LSE1, KL1, ENT1, RA1, RB1,
+               sq_b0, sq_h0, sq_l0, sk_b0, sk_h0, sk_l0, sv_b0, sv_h0, sv_l0, ss_b0, ss_h0, ss_l0,
+               so_b0, so_h0, so_l0,
+               sq_b1, sq_h1, sq_l1, sk_b1, sk_h1, sk_l1, sv_b1, sv_h1, sv_l1, ss_b1, ss_h1, ss_l1,
+               so_b1, so_h1, so_l1,
+               H, L, D, rows, cols, scale, eps,
                STATS: tl.constexpr, EPS_ZERO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    if tl.program_id(2) == 0:
-        Q, K, V, SG, O, LSE, KL, ENT, RA, RB, KBS = Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0, KBS0
+    first = tl.program_id(2) == 0
+    if first:
+        Q, K, V, SG, OUT, LSE, KL, ENT, RA, RB = Q0, K0, V0, SG0, OUT0, LSE0, KL0, ENT0, RA0, RB0
     else:
-        Q, K, V, SG, O, LSE, KL, ENT, RA, RB, KBS = Q1, K1, V1, SG1, O1, LSE1, KL1, ENT1, RA1, RB1, KBS1
-    b = bh // H
-    h = bh % H
+        Q, K, V, SG, OUT, LSE, KL, ENT, RA, RB = Q1, K1, V1, SG1, OUT1, LSE1, KL1, ENT1, RA1, RB1
+    sq_b, sq_h, sq_l = _pick3(first, sq_b0, sq_h0, sq_l0, sq_b1, sq_h1, sq_l1)
+    sk_b, sk_h, sk_l = _pick3(first, sk_b0, sk_h0, sk_l0, sk_b1, sk_h1, sk_l1)
+    sv_b, sv_h, sv_l = _pick3(first, sv_b0, sv_h0, sv_l0, sv_b1, sv_h1, sv_l1)
+    ss_b, ss_h, ss_l = _pick3(first, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1)
+    so_b, so_h, so_l = _pick3(first, so_b0, so_h0, so_l0, so_b1, so_h1, so_l1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     row0 = bh.to(tl.int64) * L  # first row of (b, h) in the (B, H, L) row vectors
-    q_base = row0 * D
-    k_base = b.to(tl.int64) * KBS + h.to(tl.int64) * L * D
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h  # sk_b = 0 for a batch-shared memory
+    V += b * sv_b + h * sv_h
+    SG += b * ss_b + h * ss_h
+    OUT += b * so_b + h * so_h
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < L
     mask_d = offs_d < D
-    q = tl.load(Q + q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(Q + offs_m[:, None] * sq_l + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     # Pass 1: online softmax: lse, and out with rescaling when there is no second pass. With the
     # statistics, out is accumulated in pass 2 from the exact p = exp(s - lse) instead: then out, R1, R2
@@ -113,8 +147,8 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < L
-        k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + offs_n[:, None] * sk_l + offs_d[None, :], mask=mask_nd, other=0.0)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
         s = tl.where(mask_n[None, :], s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -122,21 +156,20 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
         pexp = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pexp, axis=1)
         if not STATS:
-            v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                        other=0.0)
+            v = tl.load(V + offs_n[:, None] * sv_l + offs_d[None, :], mask=mask_nd, other=0.0)
             acc = acc * alpha[:, None] + _dot(pexp.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     log_l = tl.log(l_i)
     inv_l = 1.0 / l_i
     lse = m_i + log_l
     tl.store(LSE + row0 + offs_m, lse, mask=mask_m)
-    o_ptrs = O + q_base + offs_m[:, None] * D + offs_d[None, :]
+    o_ptrs = OUT + offs_m[:, None] * so_l + offs_d[None, :]
     if not STATS:
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     else:
         # Pass 2: exact p and t; out, and the row sums of the element terms.
-        sy = tl.load(SG + (row0 + offs_m) * 2, mask=mask_m, other=1.0).to(tl.float32)
-        sx = tl.load(SG + (row0 + offs_m) * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+        sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
+        sx = tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
         logz, cy, cx = _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G)
         ri = (offs_m // cols).to(tl.float32)
         ci = (offs_m % cols).to(tl.float32)
@@ -148,7 +181,7 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < L
             mask_nd = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+            k = tl.load(K + offs_n[:, None] * sk_l + offs_d[None, :], mask=mask_nd, other=0.0)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
             s = tl.where(mask_n[None, :], s, NEG)
             dy = ri[:, None] - (offs_n // cols).to(tl.float32)[None, :]
@@ -160,7 +193,7 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
             p = tl.exp(sm) * inv_l[:, None]
             t = tl.exp(lw - logz[:, None])
             lp, lt, pe, te = _log_terms(p, t, sm - log_l[:, None], lw - logz[:, None], eps, EPS_ZERO)
-            v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+            v = tl.load(V + offs_n[:, None] * sv_l + offs_d[None, :], mask=mask_nd, other=0.0)
             acc += _dot(p.to(v.dtype), v, PREC, UPCAST)
             valid = mask_n[None, :]
             t = tl.where(valid, t, 0.0)
@@ -168,7 +201,7 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
             ent += tl.sum(tl.where(valid, -p * lp, 0.0), axis=1)
             r1 += tl.sum(tl.where(valid, p * (lp - lt) + pe * (p - t), 0.0), axis=1)
             r2 += tl.sum(tl.where(valid, -p * (lp + pe), 0.0), axis=1)
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         tl.store(KL + row0 + offs_m, kl, mask=mask_m)
         tl.store(ENT + row0 + offs_m, ent, mask=mask_m)
         tl.store(RA + row0 + offs_m, r1, mask=mask_m)
@@ -176,29 +209,39 @@ def fwd_kernel(Q0, K0, V0, SG0, O0, LSE0, KL0, ENT0, RA0, RB0,
 
 
 # ---------------------------------------------------------------------------
-# Backward. ROW: float32 (n_branches, 6, B, H, L) holding lse, dfull, a, b, e, logZ
+# Backward. ROW: float32 (n_branches, 6, B, H, L) holding lse, dfull, g_kl_attn, g_kl_prior, g_ent, logZ
 # (logZ written by logz_kernel); NROW = B*H*L, the stride between its slots.
 # ---------------------------------------------------------------------------
-@triton.jit
-def logz_kernel(SG0, SG1, ROW, NROW, L, rows, cols, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+@triton.jit(do_not_specialize=["H", "NROW", "L", "rows", "cols", *_SIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1"])
+def logz_kernel(SG0, SG1, ROW, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1, H, NROW, L, rows, cols,
+                BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     br = tl.program_id(2)
-    if br == 0:
+    first = br == 0
+    if first:
         SG = SG0
     else:
         SG = SG1
+    ss_b, ss_h, ss_l = _pick3(first, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1)
+    SG += (bh // H).to(tl.int64) * ss_b + (bh % H).to(tl.int64) * ss_h
     row0 = bh.to(tl.int64) * L
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < L
-    sy = tl.load(SG + (row0 + offs_m) * 2, mask=mask_m, other=1.0).to(tl.float32)
-    sx = tl.load(SG + (row0 + offs_m) * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+    sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
+    sx = tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
     logz, cy, cx = _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G)
     tl.store(ROW + (br.to(tl.int64) * 6 + 5) * NROW + row0 + offs_m, logz, mask=mask_m)
 
 
-@triton.jit(do_not_specialize=["BK0", "BK1"])
+@triton.jit(do_not_specialize=["BK0", "BK1", "B", "H", "L", "D", "rows", "cols", "NROW", *_SIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1"])
 def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, DV1, ROW,
+                    sq_b0, sq_h0, sq_l0, sk_b0, sk_h0, sk_l0, sv_b0, sv_h0, sv_l0, ss_b0, ss_h0, ss_l0,
+                    sdo_b0, sdo_h0, sdo_l0, sdk_b0, sdk_h0, sdk_l0, sdv_b0, sdv_h0, sdv_l0,
+                    sq_b1, sq_h1, sq_l1, sk_b1, sk_h1, sk_l1, sv_b1, sv_h1, sv_l1, ss_b1, ss_h1, ss_l1,
+                    sdo_b1, sdo_h1, sdo_l1, sdk_b1, sdk_h1, sdk_l1, sdv_b1, sdv_h1, sdv_l1,
                     BK0, BK1, B, H, L, D, rows, cols, scale, eps, NROW,
                     EPS_ZERO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -207,45 +250,67 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
     pid_n = tl.program_id(0)
     kbh = tl.program_id(1)
     br = tl.program_id(2)
-    if br == 0:
-        Q, K, V, SG, DO, DK, DV, BK = Q0, K0, V0, SG0, DO0, DK0, DV0, BK0
+    first = br == 0
+    if first:
+        Q, K, V, SG, DO, DK, DV = Q0, K0, V0, SG0, DO0, DK0, DV0
     else:
-        Q, K, V, SG, DO, DK, DV, BK = Q1, K1, V1, SG1, DO1, DK1, DV1, BK1
+        Q, K, V, SG, DO, DK, DV = Q1, K1, V1, SG1, DO1, DK1, DV1
+    BK = tl.where(first, BK0, BK1)
+    sq_b, sq_h, sq_l = _pick3(first, sq_b0, sq_h0, sq_l0, sq_b1, sq_h1, sq_l1)
+    sk_b, sk_h, sk_l = _pick3(first, sk_b0, sk_h0, sk_l0, sk_b1, sk_h1, sk_l1)
+    sv_b, sv_h, sv_l = _pick3(first, sv_b0, sv_h0, sv_l0, sv_b1, sv_h1, sv_l1)
+    ss_b, ss_h, ss_l = _pick3(first, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1)
+    sdo_b, sdo_h, sdo_l = _pick3(first, sdo_b0, sdo_h0, sdo_l0, sdo_b1, sdo_h1, sdo_l1)
+    sdk_b, sdk_h, sdk_l = _pick3(first, sdk_b0, sdk_h0, sdk_l0, sdk_b1, sdk_h1, sdk_l1)
+    sdv_b, sdv_h, sdv_l = _pick3(first, sdv_b0, sdv_h0, sdv_l0, sdv_b1, sdv_h1, sdv_l1)
     kb = kbh // H
     h = kbh % H
     # Query batches this program sums over; none when this branch has fewer k batches than the grid.
     b_lo = tl.where(BK == 1, 0, kb)
     b_hi = tl.where(BK == 1, tl.where(kb == 0, B, 0), kb + 1)
-    k_base = kbh.to(tl.int64) * L * D
+    kb64 = kb.to(tl.int64)
+    h64 = h.to(tl.int64)
+    K += kb64 * sk_b + h64 * sk_h
+    V += kb64 * sv_b + h64 * sv_h
+    DK += kb64 * sdk_b + h64 * sdk_h
+    DV += kb64 * sdv_b + h64 * sdv_h
+    Q += h64 * sq_h
+    DO += h64 * sdo_h
+    SG += h64 * ss_h
     ROWB = ROW + br.to(tl.int64) * 6 * NROW
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < L
     mask_d = offs_d < D
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
-    v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+    # Programs past this branch's k batches (kb >= BK: a batch-shared branch fused with a Bk = B one)
+    # must not touch K, V, DK, DV at all: their rows would lie beyond the tensors.
+    mask_nd = mask_n[:, None] & mask_d[None, :] & (kb < BK)
+    k = tl.load(K + offs_n[:, None] * sk_l + offs_d[None, :], mask=mask_nd, other=0.0)
+    v = tl.load(V + offs_n[:, None] * sv_l + offs_d[None, :], mask=mask_nd, other=0.0)
     rj = (offs_n // cols).to(tl.float32)
     cj = (offs_n % cols).to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    Qb = Q + b_lo.to(tl.int64) * sq_b  # advanced by one batch per iteration
+    DOb = DO + b_lo.to(tl.int64) * sdo_b
+    SGb = SG + b_lo.to(tl.int64) * ss_b
     for b in range(b_lo, b_hi):
         row0 = (b * H + h).to(tl.int64) * L
         for m0 in range(0, L, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < L
             mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
-            do = tl.load(DO + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+            q = tl.load(Qb + offs_m[:, None] * sq_l + offs_d[None, :], mask=mask_md, other=0.0)
+            do = tl.load(DOb + offs_m[:, None] * sdo_l + offs_d[None, :], mask=mask_md, other=0.0)
             rr = row0 + offs_m
             lse = tl.load(ROWB + rr, mask=mask_m, other=0.0)
             dfull = tl.load(ROWB + NROW + rr, mask=mask_m, other=0.0)
-            a = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
-            e = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
+            g_kl_attn = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
+            g_ent = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
             logz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
-            sy = tl.load(SG + rr * 2, mask=mask_m, other=1.0).to(tl.float32)
-            sx = tl.load(SG + rr * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+            sy = tl.load(SGb + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
+            sx = tl.load(SGb + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
             # Transposed tiles: keys along axis 0, queries along axis 1.
             # The scores exactly as the forward and the dq kernel compute them (same operand order), so that
             # p agrees bitwise with the p behind lse, R1, R2: with large logits a one-ulp change of s
@@ -260,20 +325,27 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
             valid = mask_n[:, None] & mask_m[None, :]
             p = tl.where(valid, p, 0.0)
             gv = _dot(v, tl.trans(do), PREC, UPCAST)
-            ds = (p * (gv - dfull[None, :]) + a[None, :] * (p * (lp - lt) + pe * (p - t))
-                  - e[None, :] * p * (lp + pe))
+            ds = (p * (gv - dfull[None, :]) + g_kl_attn[None, :] * (p * (lp - lt) + pe * (p - t))
+                  - g_ent[None, :] * p * (lp + pe))
             ds = tl.where(valid, ds, 0.0)
             dv += _dot(p.to(do.dtype), do, PREC, UPCAST)
             dk += _dot(ds.to(q.dtype), q, PREC, UPCAST)
+        Qb += sq_b
+        DOb += sdo_b
+        SGb += ss_b
     dk = dk * scale
-    store_mask = mask_nd & (kb < BK)
-    tl.store(DK + k_base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + k_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_mask)
+    tl.store(DK + offs_n[:, None] * sdk_l + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + offs_n[:, None] * sdv_l + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-@triton.jit(do_not_specialize=["KBS0", "KBS1"])
+@triton.jit(do_not_specialize=["H", "L", "D", "rows", "cols", "NROW", *_SIGMA_STRIDES, *_DSIGMA_STRIDES],
+            do_not_specialize_on_alignment=["SG0", "SG1", "DS0", "DS1"])
 def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1, ROW,
-                  KBS0, KBS1, H, L, D, rows, cols, scale, eps, NROW,
+                  sq_b0, sq_h0, sq_l0, sk_b0, sk_h0, sk_l0, sv_b0, sv_h0, sv_l0, ss_b0, ss_h0, ss_l0,
+                  sdo_b0, sdo_h0, sdo_l0, sdq_b0, sdq_h0, sdq_l0, sds_b0, sds_h0, sds_l0,
+                  sq_b1, sq_h1, sq_l1, sk_b1, sk_h1, sk_l1, sv_b1, sv_h1, sv_l1, ss_b1, ss_h1, ss_l1,
+                  sdo_b1, sdo_h1, sdo_l1, sdq_b1, sdq_h1, sdq_l1, sds_b1, sds_h1, sds_l1,
+                  H, L, D, rows, cols, scale, eps, NROW,
                   EPS_ZERO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One query block: dq, and dsigma from the five row sums of spec section 3
@@ -281,14 +353,28 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     br = tl.program_id(2)
-    if br == 0:
-        Q, K, V, SG, DO, DQ, DS, KBS = Q0, K0, V0, SG0, DO0, DQ0, DS0, KBS0
+    first = br == 0
+    if first:
+        Q, K, V, SG, DO, DQ, DS = Q0, K0, V0, SG0, DO0, DQ0, DS0
     else:
-        Q, K, V, SG, DO, DQ, DS, KBS = Q1, K1, V1, SG1, DO1, DQ1, DS1, KBS1
-    b = bh // H
-    h = bh % H
+        Q, K, V, SG, DO, DQ, DS = Q1, K1, V1, SG1, DO1, DQ1, DS1
+    sq_b, sq_h, sq_l = _pick3(first, sq_b0, sq_h0, sq_l0, sq_b1, sq_h1, sq_l1)
+    sk_b, sk_h, sk_l = _pick3(first, sk_b0, sk_h0, sk_l0, sk_b1, sk_h1, sk_l1)
+    sv_b, sv_h, sv_l = _pick3(first, sv_b0, sv_h0, sv_l0, sv_b1, sv_h1, sv_l1)
+    ss_b, ss_h, ss_l = _pick3(first, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1)
+    sdo_b, sdo_h, sdo_l = _pick3(first, sdo_b0, sdo_h0, sdo_l0, sdo_b1, sdo_h1, sdo_l1)
+    sdq_b, sdq_h, sdq_l = _pick3(first, sdq_b0, sdq_h0, sdq_l0, sdq_b1, sdq_h1, sdq_l1)
+    sds_b, sds_h, sds_l = _pick3(first, sds_b0, sds_h0, sds_l0, sds_b1, sds_h1, sds_l1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     row0 = bh.to(tl.int64) * L
-    k_base = b.to(tl.int64) * KBS + h.to(tl.int64) * L * D
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h  # sk_b = 0 for a batch-shared memory
+    V += b * sv_b + h * sv_h
+    SG += b * ss_b + h * ss_h
+    DO += b * sdo_b + h * sdo_h
+    DQ += b * sdq_b + h * sdq_h
+    DS += b * sds_b + h * sds_h
     ROWB = ROW + br.to(tl.int64) * 6 * NROW
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -296,17 +382,17 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
     mask_m = offs_m < L
     mask_d = offs_d < D
     mask_md = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
-    do = tl.load(DO + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+    q = tl.load(Q + offs_m[:, None] * sq_l + offs_d[None, :], mask=mask_md, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * sdo_l + offs_d[None, :], mask=mask_md, other=0.0)
     rr = row0 + offs_m
     lse = tl.load(ROWB + rr, mask=mask_m, other=0.0)
     dfull = tl.load(ROWB + NROW + rr, mask=mask_m, other=0.0)
-    a = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
-    bb = tl.load(ROWB + 3 * NROW + rr, mask=mask_m, other=0.0)
-    e = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
+    g_kl_attn = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
+    g_kl_prior = tl.load(ROWB + 3 * NROW + rr, mask=mask_m, other=0.0)
+    g_ent = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
     logz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
-    sy = tl.load(SG + rr * 2, mask=mask_m, other=1.0).to(tl.float32)
-    sx = tl.load(SG + rr * 2 + 1, mask=mask_m, other=1.0).to(tl.float32)
+    sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
+    sx = tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
     cy = 0.5 / (sy * sy)
     cx = 0.5 / (sx * sx)
     ri = (offs_m // cols).to(tl.float32)
@@ -322,8 +408,8 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < L
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
-        v = tl.load(V + k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+        k = tl.load(K + offs_n[:, None] * sk_l + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(V + offs_n[:, None] * sv_l + offs_d[None, :], mask=mask_nd, other=0.0)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
         dy = ri[:, None] - (offs_n // cols).to(tl.float32)[None, :]
         dx = ci[:, None] - (offs_n % cols).to(tl.float32)[None, :]
@@ -337,8 +423,8 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
         p = tl.where(valid, p, 0.0)
         t = tl.where(valid, t, 0.0)
         gv = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = (p * (gv - dfull[:, None]) + a[:, None] * (p * (lp - lt) + pe * (p - t))
-              - e[:, None] * p * (lp + pe))
+        ds = (p * (gv - dfull[:, None]) + g_kl_attn[:, None] * (p * (lp - lt) + pe * (p - t))
+              - g_ent[:, None] * p * (lp + pe))
         ds = tl.where(valid, ds, 0.0)
         dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
         tw = tl.where(valid, t * (lt - lp) + te * (t - p), 0.0)
@@ -348,8 +434,8 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
         t_dy += tl.sum(t * dy2, axis=1)
         t_dx += tl.sum(t * dx2, axis=1)
     dq = dq * scale
-    tl.store(DQ + row0 * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
-    dsy = bb * (tw_dy - w_sum * t_dy) / (sy * sy * sy)
-    dsx = bb * (tw_dx - w_sum * t_dx) / (sx * sx * sx)
-    tl.store(DS + rr * 2, dsy.to(DS.dtype.element_ty), mask=mask_m)
-    tl.store(DS + rr * 2 + 1, dsx.to(DS.dtype.element_ty), mask=mask_m)
+    tl.store(DQ + offs_m[:, None] * sdq_l + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
+    dsy = g_kl_prior * (tw_dy - w_sum * t_dy) / (sy * sy * sy)
+    dsx = g_kl_prior * (tw_dx - w_sum * t_dx) / (sx * sx * sx)
+    tl.store(DS + offs_m * sds_l, dsy.to(DS.dtype.element_ty), mask=mask_m)
+    tl.store(DS + offs_m * sds_l + 1, dsx.to(DS.dtype.element_ty), mask=mask_m)

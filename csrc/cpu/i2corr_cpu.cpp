@@ -156,7 +156,7 @@ void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool 
 // One query row of the backward: ds (scaled) into dsrow, p into prow, the
 // prior sums into W, Sy, Sx.
 template <typename T, bool HasEps>
-void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T a, T e, const PriorRow<T>& pr, int rows,
+void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T g_kl_attn, T g_ent, const PriorRow<T>& pr, int rows,
                   int cols, T eps, T scale, T* prow, T* dsrow, T* W, T* Sy, T* Sx) {
   T w = 0, sy = 0, sx = 0;
   for (int r = 0; r < rows; ++r) {
@@ -170,7 +170,7 @@ void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T a, T e, const
       const T p = i2c::fast_exp<T>(lpx), t = tyr * pr.tx[c];
       const auto g = i2c::log_terms_t<HasEps, T>(p, t, lpx, ltyr + pr.ltx[c], eps);
       prow[j] = p;
-      dsrow[j] = scale * i2c::ds_elem<T>(p, t, gvrow[j], dfull, a, e, g);
+      dsrow[j] = scale * i2c::ds_elem<T>(p, t, gvrow[j], dfull, g_kl_attn, g_ent, g);
       const T tw = i2c::tw_elem<T>(p, t, g);
       wr += tw;
       sx += tw * pr.dx2[c];
@@ -184,8 +184,9 @@ void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T a, T e, const
 }
 
 template <typename T>
-void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int64_t kb, int64_t h, const T* A,
-                   const T* Bp, const T* E, const T* DF, const T* lse, T* dq, T* dk, T* dv, T* dsig) {
+void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int64_t kb, int64_t h,
+                   const T* g_kl_attn, const T* g_kl_prior, const T* g_ent, const T* dfull, const T* lse, T* dq,
+                   T* dk, T* dv, T* dsig) {
   const int64_t L = br.L, D = br.D, H = br.H, Lp = br.Lp, Dp = br.Dp;
   const T* KT = br.kT + (kb * H + h) * Dp * Lp;
   const T* VT = br.vT + (kb * H + h) * Dp * Lp;
@@ -212,13 +213,13 @@ void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int6
         T *srow = S.data() + ii * Lp, *gvrow = GV.data() + ii * Lp, *prow = P.data() + ii * Lp,
           *dsrow = DS.data() + ii * Lp;
         if (eps > T(0))
-          row_backward<T, true>(srow, gvrow, lse[x], DF[x], A[x], E[x], pr, rows, cols, eps, scale, prow, dsrow, &W,
-                                &Sy, &Sx);
+          row_backward<T, true>(srow, gvrow, lse[x], dfull[x], g_kl_attn[x], g_ent[x], pr, rows, cols, eps, scale,
+                                prow, dsrow, &W, &Sy, &Sx);
         else
-          row_backward<T, false>(srow, gvrow, lse[x], DF[x], A[x], E[x], pr, rows, cols, eps, scale, prow, dsrow, &W,
-                                 &Sy, &Sx);
-        dsig[2 * x] = i2c::dsigma_axis<T>(Bp[x], Sy, W, pr.sum_t_dy2, sy);
-        dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sx);
+          row_backward<T, false>(srow, gvrow, lse[x], dfull[x], g_kl_attn[x], g_ent[x], pr, rows, cols, eps, scale,
+                                 prow, dsrow, &W, &Sy, &Sx);
+        dsig[2 * x] = i2c::dsigma_axis<T>(g_kl_prior[x], Sy, W, pr.sum_t_dy2, sy);
+        dsig[2 * x + 1] = i2c::dsigma_axis<T>(g_kl_prior[x], Sx, W, pr.sum_t_dx2, sx);
       }
       i2cpu::gemm_ab<T>(nb, L, Lp, Dp, DS.data(), K, DQ.data());               // dq = dS K
       for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(DQ.data() + ii * Dp, D, dq + (row0 + i0 + ii) * D);
@@ -325,17 +326,17 @@ std::vector<at::Tensor> forward(const std::vector<at::Tensor>& qs, const std::ve
   return res;
 }
 
-std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const std::vector<at::Tensor>& g_kla,
-                                 const std::vector<at::Tensor>& g_klp, const std::vector<at::Tensor>& g_ents,
+std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const std::vector<at::Tensor>& g_kl_attns,
+                                 const std::vector<at::Tensor>& g_kl_priors, const std::vector<at::Tensor>& g_ents,
                                  const std::vector<at::Tensor>& dfulls, const std::vector<at::Tensor>& qs,
                                  const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
                                  const std::vector<at::Tensor>& sigmas, const std::vector<at::Tensor>& lses,
                                  int64_t rows, int64_t cols, double scale, double eps) {
   const size_t n = qs.size();
-  TORCH_CHECK(n > 0 && g_outs.size() == n && g_kla.size() == n && g_klp.size() == n && g_ents.size() == n &&
+  TORCH_CHECK(n > 0 && g_outs.size() == n && g_kl_attns.size() == n && g_kl_priors.size() == n && g_ents.size() == n &&
                   dfulls.size() == n && ks.size() == n && vs.size() == n && sigmas.size() == n && lses.size() == n,
               "fod_kernels cpu backend: branch lists differ in length");
-  std::vector<at::Tensor> res, gs, as, bs, es, dfs, ls;
+  std::vector<at::Tensor> res, gs, g_kl_attn_c, g_kl_prior_c, g_ent_c, dfs, ls;
   std::vector<Padded> pads;
   for (size_t i = 0; i < n; ++i) {
     check_branch(qs[i], ks[i], vs[i], sigmas[i], rows, cols);
@@ -346,12 +347,12 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const st
                   "fod_kernels cpu backend: ", name, " must be (B, H, L), got ", t.sizes());
       return t.to(q.scalar_type()).contiguous();
     };
-    TORCH_CHECK(g_outs[i].sizes() == q.sizes(), "fod_kernels cpu backend: grad_out must match q");
+    TORCH_CHECK(g_outs[i].sizes() == q.sizes(), "fod_kernels cpu backend: g_out must match q");
     gs.push_back(g_outs[i].to(q.scalar_type()).contiguous());
     pads.push_back(pad_branch(q, ks[i], vs[i], &gs.back()));
-    as.push_back(row_stat(g_kla[i], "grad kl_attn"));
-    bs.push_back(row_stat(g_klp[i], "grad kl_prior"));
-    es.push_back(row_stat(g_ents[i], "grad entropy"));
+    g_kl_attn_c.push_back(row_stat(g_kl_attns[i], "g_kl_attn"));
+    g_kl_prior_c.push_back(row_stat(g_kl_priors[i], "g_kl_prior"));
+    g_ent_c.push_back(row_stat(g_ents[i], "g_ent"));
     dfs.push_back(row_stat(dfulls[i], "dfull"));
     ls.push_back(row_stat(lses[i], "lse"));
     res.push_back(at::empty_like(q));
@@ -378,8 +379,8 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const st
       const int64_t t = task - first[i];
       auto P = [&](const at::Tensor& x) { return x.data_ptr<scalar_t>(); };
       backward_task<scalar_t>(br, int(rows), int(cols), scalar_t(scale), scalar_t(eps), t / br.H, t % br.H,
-                              P(as[i]), P(bs[i]), P(es[i]), P(dfs[i]), P(ls[i]), P(res[4 * i]),
-                              P(res[4 * i + 1]), P(res[4 * i + 2]), P(res[4 * i + 3]));
+                              P(g_kl_attn_c[i]), P(g_kl_prior_c[i]), P(g_ent_c[i]), P(dfs[i]), P(ls[i]),
+                              P(res[4 * i]), P(res[4 * i + 1]), P(res[4 * i + 2]), P(res[4 * i + 3]));
     });
   });
   return res;

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fod_kernels as fk
-from helpers import MULT, NAMES, assert_fa_rule, backend_fn, check_backend, make_branch, max_err, reference_fn, \
+from helpers import assert_backends_agree, assert_fa_rule, backend_fn, check_backend, make_branch, reference_fn, \
     upstream, values_and_grads
 
 pytestmark = pytest.mark.gpu
@@ -31,9 +31,11 @@ def test_matches_reference(grid, D, dtype):
     check_backend("triton", br, grid, 1e-4, dtype=dtype, label=f"grid={grid} D={D} {dtype}")
 
 
-@pytest.mark.parametrize("eps", [1e-4, 0.0])
+# (D, eps) pairs rather than their product: each pair is one set of compiled variants (a cold compile
+# costs seconds per variant), and together they cover a padded head dim (24, with 16-indivisible
+# strides), the largest bucket (128) and exact logs (eps = 0).
+@pytest.mark.parametrize("D,eps", [(24, 0.0), (128, 1e-4), (64, 0.0)])
 @pytest.mark.parametrize("sig,logit", [((1e-5, 2.0), 1.0), ((0.1, 2.0), 10.0), ((1e-5, 1e-3), 10.0)])
-@pytest.mark.parametrize("D", [16, 24, 128])
 def test_extremes(eps, sig, logit, D):
     """Tiny widths, large logits, eps = 0, head dims padded (24) and large (128), L not a block multiple."""
     grid = (23, 45)
@@ -143,8 +145,13 @@ def test_agrees_with_cuda_backend(dtype):
     cud = values_and_grads(backend_fn("cuda", grid, 1e-4), b_lp, ups)
     assert_fa_rule(tri, ref_lp, ref64, dtype, label="triton")
     assert_fa_rule(cud, ref_lp, ref64, dtype, label="cuda")
-    # Triangle inequality: two backends each within the rule differ by at most twice its bound.
-    ulp = torch.finfo(dtype).eps
-    for n in NAMES:
-        bound = 2 * (MULT * max_err(ref_lp[n], ref64[n]) + 32 * ulp * max(1.0, ref64[n].abs().max().item()))
-        assert max_err(tri[n], cud[n]) <= bound, f"{n}: triton vs cuda {max_err(tri[n], cud[n]):.3e} > {bound:.3e}"
+    assert_backends_agree(tri, cud, ref_lp, ref64, dtype, label="triton vs cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_runs_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launches follow the tensors (device guard)."""
+    br = make_branch(2, 2, 256, 32, 1, device="cuda:1", seed=5)
+    with torch.cuda.device(0):
+        got, _ = check_backend("triton", br, (16, 16), 1e-4, label="cuda:1")
+    assert got["out"].numel() > 0

@@ -1,0 +1,67 @@
+// Kernel parameters of the CUDA I2Correlation kernels: per branch pointers and strides, shared
+// shapes. Pointers are i2c::gptr (platform.cuh): plain device pointers on the GPU, bounds-checked
+// pointers in the CPU simulation. Filled by the host API (i2corr_cuda.cu), read by kernels.cuh.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/platform.cuh"
+
+namespace i2c {
+
+constexpr int NT = 256;  // threads per block
+constexpr int MAX_BRANCH = 2;
+
+// (batch, head, row) strides of a 4-D tensor in elements; its last dimension is contiguous.
+// A batch-shared memory (Bk = 1) has batch stride 0.
+struct Strides {
+  int64_t b = 0, h = 0, l = 0;
+};
+
+// Inputs, outputs and strides of one branch of the forward. Row vectors (logz, lse and the
+// statistics) are the host API's own contiguous (B, H, L) float32 tensors.
+template <typename T> struct FwdBranch {
+  gptr<const T> q, k, v, sigma;
+  gptr<const float> logz;
+  gptr<T> out;
+  gptr<float> lse, kl, ent, r1, r2;
+  Strides sq, sk, sv, ss, so;
+  int Bk, D;
+  bool need;
+};
+
+template <typename T> struct FwdParams {
+  FwdBranch<T> br[MAX_BRANCH];
+  int64_t nbh[MAX_BRANCH];        // (batch, head) programs of each branch (0: no such branch)
+  int64_t first[MAX_BRANCH + 1];  // block offsets of the branches, set by the launcher
+  int B, H, L, cols;
+  float scale, eps;
+};
+
+// One branch of the backward: the upstream gradients g_out (B,H,L,D) and, per row, g_kl_attn,
+// g_kl_prior, g_ent; dfull = <g_out, out> + g_kl_attn * r1 + g_ent * r2 (spec section 3).
+template <typename T> struct BwdBranch {
+  gptr<const T> q, k, v, sigma, g_out;
+  gptr<const float> g_kl_attn, g_kl_prior, g_ent, dfull, lse, logz;
+  gptr<T> dq, dk, dv, dsigma;
+  Strides sq, sk, sv, ss, sgo, sdq, sdk, sdv, sds;
+  int Bk, D;
+};
+
+template <typename T> struct BwdParams {
+  BwdBranch<T> br[MAX_BRANCH];
+  int64_t nbh[MAX_BRANCH];        // query side: B * H; key side: Bk * H (set per launch)
+  int64_t first[MAX_BRANCH + 1];
+  int B, H, L, cols;
+  float scale, eps;
+};
+
+template <typename T> struct LogzParams {
+  gptr<const T> sigma[MAX_BRANCH];
+  Strides ss[MAX_BRANCH];
+  gptr<float> logz[MAX_BRANCH];
+  int64_t n;  // B * H * L per branch
+  int nbranch, H, L, rows, cols;
+};
+
+}  // namespace i2c
