@@ -18,7 +18,9 @@ def _example(seed=0, B=2, H=4, rows=16, cols=16, D=32):
     L = rows * cols
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     sig = lambda: 0.2 + 1.8 * torch.rand(B, H, L, 2, generator=g)  # noqa: E731
-    return (r(B, H, L, D), r(B, H, L, D), r(B, H, L, D), sig(), r(B, H, L, D), r(1, H, L, D), r(1, H, L, D), sig()), (rows, cols)
+    intra = (r(B, H, L, D), r(B, H, L, D), r(B, H, L, D), sig())
+    inter = (r(B, H, L, D), r(1, H, L, D), r(1, H, L, D), sig())
+    return intra + inter, (rows, cols)
 
 
 def _run(backend, args, grid, dtype):
@@ -49,7 +51,8 @@ def main() -> int:
     ok = True
     for backend in ("reference", "cpu", "triton"):
         st = fk.available_backends()[backend]
-        if not st.available or (backend == "triton" and not fk._backends._supports_device("triton", torch.device("cpu"))[0]):
+        cpu_ok = backend != "triton" or fk._backends._supports_device("triton", torch.device("cpu"))[0]
+        if not st.available or not cpu_ok:
             print(f"\n  {backend}: skipped ({st.reason if not st.available else 'needs TRITON_INTERPRET=1 on CPU'})")
             continue
         got, _, dt = _run(backend, args, grid, torch.float32)

@@ -165,7 +165,8 @@ def test_token_score_formula_exact():
 
 
 def test_image_score_is_the_max_of_a_sigma_4_gaussian_filter():
-    """Default sigma 4, in image_scores and in evaluate_maps (the training/test path). Kills sigma 4 -> 2, max -> mean."""
+    """Default sigma 4, in image_scores and in evaluate_maps (the training/test path). Kills sigma 4 -> 2,
+    max -> mean."""
     rng = np.random.default_rng(0)
     maps = rng.random((4, 48, 40)) ** 4
     maps[1, 20, 13] = 40.0

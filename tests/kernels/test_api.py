@@ -51,7 +51,8 @@ def test_bad_grid(grid, words):
         call(*good(), grid=grid)
 
 
-@pytest.mark.parametrize("kw, words", [(dict(eps=-1.0), "eps"), (dict(eps=float("nan")), "eps"), (dict(scale=0.0), "scale")])
+@pytest.mark.parametrize("kw, words", [(dict(eps=-1.0), "eps"), (dict(eps=float("nan")), "eps"),
+                                      (dict(scale=0.0), "scale")])
 def test_bad_scalars(kw, words):
     with pytest.raises(ValueError, match=words):
         call(*good(), **kw)

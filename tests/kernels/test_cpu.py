@@ -16,7 +16,8 @@ GRIDS = [(1, 7), (3, 4), (5, 7), (7, 5), (4, 10), (6, 6), (9, 5), (2, 33)]
 
 @settings(max_examples=40, deadline=None)
 @given(grid=st.sampled_from(GRIDS), B=st.integers(1, 3), H=st.integers(1, 3), D=st.sampled_from([4, 16, 32, 33]),
-       shared=st.booleans(), eps=st.sampled_from([1e-4, 0.0, 1e-2]), dtype=st.sampled_from([torch.float32, torch.float64]),
+       shared=st.booleans(), eps=st.sampled_from([1e-4, 0.0, 1e-2]),
+       dtype=st.sampled_from([torch.float32, torch.float64]),
        sig=st.sampled_from([(0.1, 2.0), (1e-5, 2.0), (1e-5, 1e-3), (1.0, 2.0)]),
        logit=st.sampled_from([1.0, 10.0]), seed=st.integers(0, 2 ** 16))
 def test_matches_float64_reference(grid, B, H, D, shared, eps, dtype, sig, logit, seed):
