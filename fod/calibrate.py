@@ -206,23 +206,23 @@ def normal_stats(scores) -> dict:
 
 
 def normalization(threshold: float, stats: dict) -> dict:
-    d = threshold - stats["median"]
-    if d > 0:
-        w, src = d / LN9, "(threshold - median normal score) / ln 9"
-    elif stats["std"] > 0:
-        w, src = stats["std"], "std of the normal scores (the threshold is not above their median)"
-    elif threshold != 0:
-        w, src = abs(threshold) / 10, "|threshold| / 10 (the normal scores are all equal)"
-    else:
-        w, src = 1.0, "1 (threshold 0, all normal scores equal)"
+    """The logistic map's parameters (the module doc); the first width of the list that is a positive normal
+    float (a width that underflows, e.g. from scores 1e-320 apart, is passed over)."""
+    tiny = np.finfo(np.float64).tiny
+    for w, src in (((threshold - stats["median"]) / LN9, "(threshold - median normal score) / ln 9"),
+                   (stats["std"], "std of the normal scores (the threshold is not above their median)"),
+                   (abs(threshold) / 10, "|threshold| / 10 (the normal scores are all equal)"),
+                   (1.0, "1 (threshold 0, all normal scores equal)")):
+        if math.isfinite(w) and w >= tiny:
+            break
     return {"kind": "logistic", "center": float(threshold), "width": float(w), "width_from": src,
             "formula": "1 / (1 + exp(-(score - center) / width))"}
 
 
 def normalize(scores, norm: dict) -> np.ndarray:
     """The normalised scores in [0, 1] (0.5 at the image threshold), float64."""
-    z = (np.asarray(scores, dtype=np.float64) - norm["center"]) / norm["width"]
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # far from the threshold: exp overflows to inf and the score is 0 or 1
+        z = (np.asarray(scores, dtype=np.float64) - norm["center"]) / norm["width"]
         return 1.0 / (1.0 + np.exp(-z))
 
 

@@ -307,8 +307,8 @@ def demo(args) -> int:
         f"{thr['image']['recall']:.3f} F1 {thr['image']['f1']:.3f}, pixel F1 {thr['pixel']['f1']:.3f}")
     say(f"fod demo: done in {time.perf_counter() - t0:.0f} s; weights: {metrics['weights']}; "
         f"image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
-        f"AUPRO {metrics['aupro']:.3f}; {decisions}; decisions and masks of {len(samples)} test images in {out / 'predict'}; "
-        f"see {out / 'run' / 'summary.png'}")
+        f"AUPRO {metrics['aupro']:.3f}; {decisions}; decisions and masks of {len(samples)} test images in "
+        f"{out / 'predict'}; see {out / 'run' / 'summary.png'}")
     return 0
 
 

@@ -67,9 +67,9 @@ class GaussianFilter2d(nn.Module):
     """scipy.ndimage.gaussian_filter(x, sigma, mode="reflect", truncate) over the last two axes of (N, H, W), for
     fixed H and W: gather the reflect padding, then a separable convolution (rows, then columns)."""
 
-    def __init__(self, h: int, w: int, sigma: float = SIGMA, truncate: float = TRUNCATE):
+    def __init__(self, h: int, w: int, sigma: float = SIGMA, truncate: float = TRUNCATE, dtype=torch.float32):
         super().__init__()
-        k = torch.from_numpy(gaussian_kernel(sigma, truncate)).float()
+        k = torch.from_numpy(gaussian_kernel(sigma, truncate)).to(dtype)
         r = (k.numel() - 1) // 2
         self.register_buffer("k_rows", k.view(1, 1, -1, 1).clone())
         self.register_buffer("k_cols", k.view(1, 1, 1, -1).clone())
