@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images. No downloads: the backbone is randomly initialised unless --weights is "
                                    "given.")
     p.add_argument("--output", default="fod-demo", help="output directory (default ./fod-demo)")
-    p.add_argument("--train-images", type=int, default=60, help="synthetic training images (default 60)")
+    p.add_argument("--train-images", type=int, default=66,
+                   help="synthetic normal training images (default 66: --val-fraction 0.1 holds out 7 to calibrate "
+                        "the thresholds, 59 train)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     add_config_options(p, demo=True)
 
