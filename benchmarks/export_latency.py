@@ -11,8 +11,9 @@ image scores (the sigma-4 Gaussian filter and max, as torch ops):
 - torchscript: the exported file through torch.jit.load;
 - onnxruntime: the exported file through onnxruntime's CPU execution provider.
 
-Each number is the median over --repeats timed calls (after --warmup untimed ones) of one call's wall time
-divided by the batch size; all variants use --threads threads. Writes benchmarks/results/NAME.json and NAME.md.
+Each number is the median over --repeats timed calls (after --warmup untimed ones; the variants' calls
+interleaved) of one call's wall time divided by the batch size; all variants use --threads threads.
+Writes benchmarks/results/NAME.json and NAME.md.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", default=None, metavar="DIR", help="write the exported files here (default: temporary)")
+    ap.add_argument("--note", default="", help="a line for the report (e.g. how the checkpoint was made)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
@@ -104,8 +106,13 @@ def main(argv=None) -> int:
     rows = []
     for b in [int(v) for v in args.batches.split(",")]:
         x = torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(b))
+        times = {name: [] for name in variants}
         for name, fn in variants.items():
-            t = timed(fn, x, args.warmup, args.repeats)
+            timed(fn, x, args.warmup, 0)
+        for _ in range(args.repeats):  # interleaved: a change of the machine's load touches every variant alike
+            for name, fn in variants.items():
+                times[name] += timed(fn, x, 0, 1)
+        for name, t in times.items():
             rows.append({"variant": name, "batch": b, "ms_per_image": 1000 * statistics.median(t) / b,
                          "ms_per_image_min": 1000 * min(t) / b, "repeats": args.repeats})
             r = rows[-1]
@@ -114,9 +121,9 @@ def main(argv=None) -> int:
 
     cfg = model.fod.cfg
     info = {"command": "python benchmarks/export_latency.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "checkpoint": str(args.checkpoint), "model": {"backbone": cfg.backbone, "levels": model.fod.backbone.levels,
-                                                          "image_size": s, "d_model": model.fod.d_models,
-                                                          "heads": cfg.n_heads, "layers": cfg.n_layers},
+            "note": args.note, "checkpoint": str(args.checkpoint),
+            "model": {"backbone": cfg.backbone, "levels": model.fod.backbone.levels, "image_size": s,
+                      "d_model": model.fod.d_models, "heads": cfg.n_heads, "layers": cfg.n_layers},
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
                         "load_average_at_start": os.getloadavg()},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -124,20 +131,20 @@ def main(argv=None) -> int:
             "rows": rows}
     out = HERE / "results" / f"{args.name}.json"
     out.write_text(json.dumps(info, indent=2))
-    by = {(r["variant"], r["batch"]): r["ms_per_image"] for r in rows}
+    by = {(r["variant"], r["batch"]): f"{r['ms_per_image']:.1f} ({r['ms_per_image_min']:.1f})" for r in rows}
     batches = sorted({r["batch"] for r in rows})
     load = info["machine"]["load_average_at_start"][0]
     md = [f"# Exported model latency on CPU ({args.name})", "",
-          f"Command: `{info['command']}`", "",
+          f"Command: `{info['command']}`", "", *([args.note, ""] if args.note else []),
           f"Model: {cfg.backbone} {model.fod.backbone.levels}, {s}x{s} input, d_model {model.fod.d_models}, "
           f"{cfg.n_heads} heads, {cfg.n_layers} layers. Machine: {info['machine']['cpu']}, {os.cpu_count()} cores, "
           f"{args.threads} threads per variant; load average at start {load:.1f} "
           f"(a shared machine). torch {torch.__version__}, onnxruntime {ort.__version__}.", "",
-          f"Milliseconds per image (median of {args.repeats} calls / batch size; maps + image scores):", "",
+          f"Milliseconds per image: median (min) of {args.repeats} calls / batch size; maps + image scores.", "",
           "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
           "|---|" + "---|" * len(batches)]
     for name in variants:
-        md.append(f"| {name} | " + " | ".join(f"{by[(name, b)]:.2f}" for b in batches) + " |")
+        md.append(f"| {name} | " + " | ".join(by[(name, b)] for b in batches) + " |")
     (HERE / "results" / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
