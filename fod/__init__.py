@@ -5,6 +5,14 @@ MVTec 3D-AD layouts), synthetic (the embedded demo data), backbone (frozen timm 
 (one reconstruction transformer per level, the loss, the scores, the FOD bundle, the reference
 memory), checkpoint (format, save, load), train (the training loop), evaluate (test-set metrics,
 predictions), metrics (AUROC, AUPRO), report (metrics.json, heat maps, summary page), viz, files
-(atomic writes, output folders), cli.
+(atomic writes, output folders), calibrate (decision thresholds), api (``fod.Detector``: fit, load,
+predict), export (ONNX / TorchScript), cli.
 """
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # fod.Detector without importing torch at `import fod`
+    if name in ("Detector", "Prediction"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'fod' has no attribute {name!r}")

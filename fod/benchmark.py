@@ -148,6 +148,7 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
     """Train (or resume, or skip if finished), evaluate and compute the baselines of one category; returns its
     record. Raises on failure."""
     from . import baselines as BL
+    from . import calibrate as CAL
     from . import checkpoint as C
     from .data import AnomalyDataset
     from .train import train
@@ -172,6 +173,7 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
         fod = C.load(ck, cfg.device, cfg.backend)
         pre = fod.preprocess()  # exactly the training run's preprocessing
         train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, pre=pre)
+        train_ds = CAL.datasets(fod.cfg, train_ds)[0]  # the images FOD trained on: not its calibration images
         test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, pre=pre)
         res = BL.compute(fod, train_ds, test_ds, cfg, cfg.device, coreset=coreset, log=lambda m: log(f"[{name}] {m}"))
         res.pop("maps")

@@ -3,7 +3,8 @@
 A checkpoint (``checkpoint.pt``) holds everything needed to resume training bit for bit or to score
 images: the configuration, the level models, the reference memories, the backbone (name, levels,
 weights and where they came from), the preprocessing (interpolation, mean, std), the optimiser, every
-RNG state, the history and timings, and a SHA-256 of all of it (``sha256``, over the values: tensors
+RNG state, the history and timings, the decision thresholds (``calibration``: see fod.calibrate; None
+when none were set), and a SHA-256 of all of it (``sha256``, over the values: tensors
 by dtype, shape and bytes) that is verified on load. Non-finite weights are never saved and refused on
 load. Format v1 (no checksum, no preprocessing entry: bilinear resize, ImageNet normalisation) is still
 read, with a note.
@@ -179,8 +180,9 @@ def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]]
 
 
 def config_of(ck: dict, path="checkpoint") -> Config:
-    # checkpoints written before the embedding bias became an option had embeddings without one
-    d = {"embed_bias": False, **ck["config"]}
+    # checkpoints written before the embedding bias became an option had embeddings without one; those written
+    # before calibration trained on every training image
+    d = {"embed_bias": False, "val_fraction": 0.0, **ck["config"]}
     if "preprocess" not in ck:  # format v1: trained with bilinear resizing
         d.setdefault("interpolation", "bilinear")
     return from_dict(d, where=str(path))
@@ -216,3 +218,9 @@ def load(path, device: str = "cpu", backend: Optional[str] = None, *, log=None) 
         raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt ({_first_line(exc)})") from None
     fod.checkpoint = ck
     return fod.to_device(device)
+
+
+def calibration_of(ck: dict) -> Optional[dict]:
+    """The checkpoint's decision thresholds and normal score statistics (fod.calibrate), or None: trained with
+    --val-fraction 0, or before thresholds existed."""
+    return ck.get("calibration")

@@ -26,6 +26,7 @@ Start here:   fod demo                  (synthetic data, CPU, a few minutes, no 
 Your data:    fod train --data mvtec/bottle --output runs/bottle
 Re-evaluate:  fod test --data mvtec/bottle --checkpoint runs/bottle/checkpoint.pt --output runs/bottle-test
 New images:   fod predict --checkpoint runs/bottle/checkpoint.pt img1.png img2.png --output preds
+Export:       fod export --checkpoint runs/bottle/checkpoint.pt --format onnx --output bottle.onnx
 Reproduce:    fod train --config runs/bottle/config.toml --output runs/bottle-again
 Benchmark:    fod benchmark --data mvtec --dataset mvtec --output runs/mvtec [--devices cuda:0,cuda:1]
 """
@@ -134,13 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     add_config_options(p, groups=(CF.RUN_OPTIONS,))
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (runs without fod installed)",
+                       description="Write the model of a checkpoint as an ONNX or TorchScript file taking a float32 "
+                                   "batch (N, 3, S, S) already resized and normalised and returning the anomaly maps "
+                                   "(N, S, S) and image scores (N), and FILE.json beside it with the preprocessing, "
+                                   "the thresholds and the score definitions. The I2Correlation layers are exported "
+                                   "in their reference formulation. The written file is checked against the eager "
+                                   "model (onnxruntime for ONNX, when installed).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    p.add_argument("--format", dest="fmt", required=True, choices=("onnx", "torchscript"), help="file format")
+    p.add_argument("--output", required=True, metavar="FILE", help="the file to write (and FILE.json)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch's exporter writes)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE and FILE.json if they exist")
+
     p = sub.add_parser("demo", help="generate the embedded synthetic dataset, train and evaluate (CPU, minutes)",
                        description="Writes a synthetic textured-fabric dataset with scratches, spots and cuts (MVTec "
                                    "layout) to OUTPUT/data, then trains and evaluates on it and predicts a few "
                                    "images. No downloads: the backbone is randomly initialised unless --weights is "
                                    "given.")
     p.add_argument("--output", default="fod-demo", help="output directory (default ./fod-demo)")
-    p.add_argument("--train-images", type=int, default=60, help="synthetic training images (default 60)")
+    p.add_argument("--train-images", type=int, default=66,
+                   help="synthetic normal training images (default 66: --val-fraction 0.1 holds out 7 to calibrate "
+                        "the thresholds, 59 train)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     add_config_options(p, demo=True)
 
@@ -218,6 +234,9 @@ def main(argv=None) -> int:
                 test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size, **kw)
             else:
                 predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
+        elif args.command == "export":
+            from .export import export
+            export(args.checkpoint, args.fmt, args.output, opset=args.opset, overwrite=args.overwrite)
         elif args.command == "demo":
             return demo(args)
         elif args.command == "benchmark":
@@ -256,6 +275,8 @@ def demo(args) -> int:
         raise ValueError(f"--train-images must be >= 1, got {args.train_images}")
     args.cfg_data = str(data)
     cfg = resolve_config(args, demo=True).check()
+    from .calibrate import holdout_count, plan
+    holdout_count(args.train_images, plan(cfg)["fraction"])  # the held-out calibration images leave some to train
     check_writable(out)
     existing = [p for p in ("data", "run", "predict", "metrics.json", "checkpoint.pt") if (out / p).exists()]
     if existing and not args.overwrite:
@@ -282,9 +303,14 @@ def demo(args) -> int:
                 overwrite=args.overwrite, amp=cfg.amp, workers=cfg.num_workers)
     finally:
         lock.release()
+    thr = metrics.get("thresholds")
+    decisions = "no thresholds (--val-fraction 0)" if not thr else (
+        f"at the calibrated thresholds image precision {thr['image']['precision']:.3f} recall "
+        f"{thr['image']['recall']:.3f} F1 {thr['image']['f1']:.3f}, pixel F1 {thr['pixel']['f1']:.3f}")
     say(f"fod demo: done in {time.perf_counter() - t0:.0f} s; weights: {metrics['weights']}; "
         f"image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
-        f"AUPRO {metrics['aupro']:.3f}; see {out / 'run' / 'summary.png'}")
+        f"AUPRO {metrics['aupro']:.3f}; {decisions}; decisions and masks of {len(samples)} test images in "
+        f"{out / 'predict'}; see {out / 'run' / 'summary.png'}")
     return 0
 
 

@@ -71,6 +71,17 @@ class Config:
         "self-attention reconstruction, score rec only", flag="--no-inter"))
     embed_bias: bool = field(default=True, metadata=opt(
         "1x1 token and reference embeddings without a bias (the official Conv1d has one)", flag="--no-embed-bias"))
+    val_fraction: Optional[float] = field(default=None, metadata=opt(
+        "hold out this fraction of the normal training images (a split drawn from --seed) to calibrate the decision "
+        "thresholds; they are used neither for training nor for the reference memory. Default 0.1, or 0 when --val "
+        "or the dataset's validation split (MVTec 3D-AD validation/) calibrates; 0 with neither: no thresholds "
+        "(fod predict then reports raw scores only)", metavar="F"))
+    val: Optional[str] = field(default=None, metadata=opt(
+        "calibrate on this folder of normal images instead of held-out training images (all training images are "
+        "then used for training)", metavar="DIR"))
+    fpr: float = field(default=0.01, metadata=opt(
+        "false-positive rate on the normal calibration images at which the image and pixel thresholds are set "
+        "(F1-optimal thresholds instead when the calibration data has labelled defects)"))
     device: str = field(default="cpu", metadata=opt("cpu, cuda or cuda:N", group=RUN_OPTIONS))
     backend: str = field(default="auto", metadata=opt(
         "I2Correlation kernel backend; auto picks the fastest available one for the device", group=RUN_OPTIONS))
@@ -92,7 +103,8 @@ class Config:
 
 
 # --resume may change these; every other field must equal the checkpoint's.
-RESUME_MUTABLE = frozenset({"epochs", "device", "backend", "num_workers", "heatmaps"})
+RESUME_MUTABLE = frozenset({"epochs", "device", "backend", "num_workers", "heatmaps",
+                            "fpr"})  # fpr: used only by the calibration after the last epoch
 
 # The demo: CPU in about a minute with a randomly initialised resnet18. Only layer2 (stride 8, 16x16 tokens at
 # 128 px) is used: a random network's shallow features are local colour/edge filters that still separate these
@@ -175,6 +187,20 @@ def check_config(cfg: Config):
         raise ValueError("--amp (bf16 autocast) is for CUDA only")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise FileNotFoundError(f"weights file not found: {cfg.weights}")
+    if cfg.val_fraction is not None:
+        _finite_number("--val-fraction", cfg.val_fraction, 0)
+        if cfg.val_fraction >= 1:
+            raise ValueError(f"--val-fraction must be < 1 (images must remain to train on), got {cfg.val_fraction}")
+    _finite_number("--fpr", cfg.fpr, 0, hi=0.5)
+    if cfg.val is not None:
+        if not str(cfg.val).strip():
+            raise ValueError("--val is empty")
+        if cfg.val_fraction:
+            raise ValueError(f"--val {cfg.val} and --val-fraction {cfg.val_fraction} are alternatives: calibrate on "
+                             "the folder, or on held-out training images")
+        if not Path(cfg.val).is_dir():
+            raise FileNotFoundError(f"--val folder not found: {cfg.val}" if not Path(cfg.val).exists()
+                                    else f"--val {cfg.val} is a file, not a folder of normal images")
 
 
 def check_run_options(cfg: Config, batch_size=None):

@@ -16,7 +16,7 @@ from . import metrics as M
 from . import report as R
 from . import viz
 from .config import Config, check_run_options, to_dict
-from .data import AnomalyDataset, Preprocess, check_split, image_size_of, scan_sizes
+from .data import AnomalyDataset, check_split, image_size_of, scan_sizes
 from .files import OutputFolder, atomic_write_text, refuse_inside, write_npz, write_png
 from .model import FOD, loader
 
@@ -89,9 +89,11 @@ def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str
     ds = AnomalyDataset(data, "test", layout, pre=pre)
     R.log_preprocessing(pre, scan_sizes(ds), log)
     check_split(ds)
+    from . import calibrate as CAL
     with folder.open() as o:
         res = evaluate(fod, ds, cfg, device)
         metrics = public_metrics(res)
+        metrics.update(thresholds=CAL.threshold_metrics(res, C.calibration_of(fod.checkpoint)))
         metrics.update(protocol="evaluation of a saved checkpoint", checkpoint=str(checkpoint), data=str(data),
                        weights=fod.backbone.weights_source, backend=fod.backend, config=to_dict(cfg),
                        preprocess=pre.describe(), score=fod.score_description,
@@ -101,26 +103,21 @@ def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str
                                   history=fod.checkpoint.get("history", []), heatmaps=heatmaps,
                                   title_extra=" (fod test)")
         o.commit()
+    CAL.log_threshold_metrics(metrics["thresholds"], log)
     R.log_metrics(metrics, folder.path, ", ".join(written), log)
     return metrics
-
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths, pre: Preprocess):
-        self.paths, self.pre = paths, pre
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.pre.image(self.paths[i])
 
 
 def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optional[str] = None,
             batch_size: int = 8, overwrite: bool = False, amp: bool = False, workers: Optional[int] = None,
             heatmaps: int = -1, log=R.say) -> dict:
-    """Anomaly maps and image scores of new images: heatmaps/*.png (the first ``heatmaps``; -1: all),
-    maps.npz and scores.json."""
+    """Anomaly maps, image scores and decisions of new images (through ``fod.api.Detector``): scores.json
+    (per image: score, normalized_score, anomalous, heatmap, mask, map_key), maps.npz, masks/*.png (the
+    map above the pixel threshold, white = anomalous; every image) and heatmaps/*.png (the first
+    ``heatmaps``; -1: all). Without thresholds in the checkpoint: raw scores only (no decisions, no masks).
+    Memory is bounded: maps are kept on disk in the staging folder until maps.npz is written."""
+    from . import calibrate as CAL
+    from .api import Detector
     folder = OutputFolder(output, "predict", overwrite=overwrite).check()
     paths = list(dict.fromkeys(Path(p) for p in images))  # an image given twice is scored once (keyed by path)
     if not paths:
@@ -133,36 +130,69 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
         image_size_of(p)  # an unreadable file fails here, naming it
     fod, cfg, pre = _run_setup(checkpoint, device=device, backend=backend, amp=amp, workers=workers,
                                heatmaps=heatmaps, batch_size=batch_size, log=log)
+    det = Detector(fod, batch_size=cfg.batch_size, amp=cfg.amp, num_workers=cfg.num_workers,
+                   checkpoint_path=str(checkpoint))
+    cal = det.calibration
     R.log_preprocessing(pre, sum(w != h for w, h in map(image_size_of, paths)), log)
+    if cal is None:
+        log(f"fod: {CAL.NO_THRESHOLDS}: raw scores only (no normalized_score, decision or mask)")
+    names = R.unique_names(p.stem for p in paths)
+    count = len(paths) if heatmaps < 0 else min(heatmaps, len(paths))
+    scale = fod.checkpoint.get("map_scale")
     with folder.open() as o:
-        maps = []
-        batches = torch.utils.data.DataLoader(_Images(paths, pre), batch_size=batch_size, shuffle=False,
-                                              num_workers=cfg.num_workers)
-        for imgs in tqdm(batches, desc="predict", unit="batch", leave=False):
-            maps.append(fod.anomaly_maps(imgs.to(device), amp=cfg.amp).float().cpu().numpy())
-        maps = np.concatenate(maps)
-        scores = M.image_scores(maps)
-        scale = fod.checkpoint.get("map_scale")
-        vmin, vmax = scale if scale else (float(maps.min()), float(maps.max()))
-        names = R.unique_names(p.stem for p in paths)
-        count = len(paths) if heatmaps < 0 else min(heatmaps, len(paths))
+        parts = o.stage / ".maps"  # one .npy per image until maps.npz is written
+        parts.mkdir()
+        if cal is not None:
+            (o.stage / "masks").mkdir()
+        lo, hi = np.inf, -np.inf
+        result = {}
+        preds = det.predict([str(p) for p in paths])
+        for i, pr in enumerate(tqdm(preds, total=len(paths), desc="predict", unit="image", leave=False)):
+            np.save(parts / f"{i}.npy", pr.anomaly_map)
+            lo, hi = min(lo, float(pr.anomaly_map.min())), max(hi, float(pr.anomaly_map.max()))
+            mask = None
+            if pr.mask is not None:
+                write_png(o.stage / "masks" / f"{names[i]}.png", pr.mask.astype(np.uint8) * 255)
+                mask = str(folder.path / "masks" / f"{names[i]}.png")
+            result[str(paths[i])] = {"score": pr.score, "normalized_score": pr.normalized_score,
+                                     "anomalous": pr.anomalous, "heatmap": None, "mask": mask, "map_key": names[i]}
+        vmin, vmax = scale if scale else (lo, hi)
         if count:
             (o.stage / "heatmaps").mkdir()
-        result = {}
-        for i, p in enumerate(paths):
-            heatmap = None
-            if i < count:
-                write_png(o.stage / "heatmaps" / f"{names[i]}.png",
-                          viz.overlay(pre.denormalize(pre.image(p)), maps[i], None, vmin, vmax))
-                heatmap = str(folder.path / "heatmaps" / f"{names[i]}.png")
-            result[str(p)] = {"score": float(scores[i]), "heatmap": heatmap, "map_key": names[i]}
-        write_npz(o.stage / "maps.npz", {r["map_key"]: maps[i] for i, r in enumerate(result.values())})
+        for i, p in enumerate(paths[:count]):
+            write_png(o.stage / "heatmaps" / f"{names[i]}.png",
+                      viz.overlay(pre.denormalize(pre.image(p)), np.load(parts / f"{i}.npy"), None, vmin, vmax))
+            result[str(p)]["heatmap"] = str(folder.path / "heatmaps" / f"{names[i]}.png")
+        write_npz(o.stage / "maps.npz", _LazyMaps(names, parts))
+        calibration = None if cal is None else {
+            k: cal[k] for k in ("rule", "image_threshold", "pixel_threshold", "image_method", "pixel_method",
+                                "fpr_target", "source", "normalization")}
         atomic_write_text(o.stage / "scores.json", json.dumps(
             {"checkpoint": str(checkpoint), "image_score": "max of the sigma-4 Gaussian-filtered anomaly map",
-             "heatmap_scale": [vmin, vmax], "preprocess": pre.describe(), "images": result}, indent=2))
+             "heatmap_scale": [vmin, vmax], "preprocess": pre.describe(),
+             "calibration": calibration if cal is not None else CAL.NO_THRESHOLDS, "images": result}, indent=2))
         o.commit()
     for p, r in result.items():
-        log(f"{r['score']:.6g}  {p}")
+        if r["anomalous"] is None:
+            log(f"{r['score']:.6g}  {p}")
+        else:
+            log(f"{'ANOMALOUS' if r['anomalous'] else 'normal   '} {r['normalized_score']:.3f} (score "
+                f"{r['score']:.6g})  {p}")
+    if cal is not None:
+        n = sum(r["anomalous"] for r in result.values())
+        log(f"fod: {n} of {len(paths)} images anomalous (image threshold {cal['image_threshold']:.6g}, normalised "
+            f"score > 0.5; pixel threshold {cal['pixel_threshold']:.6g} for the masks)")
     log(f"fod: maps and scores of {len(paths)} images in {folder.path}/ (scores.json, maps.npz"
-        + (", heatmaps/" if count else "") + ")")
+        + (", masks/" if cal is not None else "") + (", heatmaps/" if count else "") + ")")
     return result
+
+
+class _LazyMaps:
+    """maps.npz's members, read one at a time from the staged .npy files."""
+
+    def __init__(self, names, parts: Path):
+        self.names, self.parts = names, parts
+
+    def items(self):
+        for i, name in enumerate(self.names):
+            yield name, np.load(self.parts / f"{i}.npy")

@@ -33,7 +33,7 @@ TMP_MARK = ".tmp"  # temporary files are NAME.tmp-PID-RANDOM (and NAME.tmp from 
 PRODUCTS = {
     "train": ("checkpoint.pt", "config.toml", "metrics.json", "summary.png", "heatmaps"),
     "test": ("metrics.json", "summary.png", "heatmaps"),
-    "predict": ("scores.json", "maps.npz", "heatmaps"),
+    "predict": ("scores.json", "maps.npz", "heatmaps", "masks"),
 }
 
 

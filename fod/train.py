@@ -14,6 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from . import calibrate as CAL
 from . import checkpoint as C
 from . import report as R
 from .backbone import build_backbone
@@ -138,7 +139,8 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
     pre = Preprocess(cfg.image_size, cfg.resize, cfg.interpolation, backbone.mean, backbone.std)
     train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, pre=pre)
     test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, pre=pre)
-    fingerprint = data_fingerprint(train_ds)
+    fingerprint = data_fingerprint(train_ds)  # of the whole training folder; fit_ds leaves out the held-out images
+    fit_ds, val_ds, cal_plan = CAL.datasets(cfg, train_ds)
     if ck and ck.get("train_data", fingerprint) != fingerprint:
         raise ValueError(f"--resume: the training images under {cfg.data} are not those {ck_path} was trained on "
                          f"({ck['train_data']['count']} images then, {fingerprint['count']} now, or other names or "
@@ -157,6 +159,9 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
     log(f"fod: {len(train_ds)} training and {len(test_ds)} test images from {cfg.data} ({cfg.dataset} layout)")
     R.log_preprocessing(pre, scan_sizes(train_ds) + scan_sizes(test_ds), log)
     check_split(test_ds)  # every test image and mask, before the first epoch
+    log(f"fod: {cal_plan['note']}" + (f" ({len(val_ds)} image{'s' * (len(val_ds) != 1)})" if val_ds else ""))
+    if val_ds is not None:
+        check_split(val_ds, need_both_classes=False)
     log(f"fod: backbone {cfg.backbone} levels {backbone.levels} (channels {backbone.channels}, grids {grids}), "
         f"weights: {backbone.weights_source}")
     log(f"fod: d_model {fod.d_models}, {cfg.n_heads} heads, {cfg.n_layers} layers, backend {backend!r}, "
@@ -168,12 +173,12 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
         if not replacing:
             o.in_place = {"checkpoint.pt", "config.toml"}
         ck_file = run_dir / "checkpoint.pt"
-        cached = extract_features(fod, train_ds, cfg, device, "features") if cfg.cache_features else None
+        cached = extract_features(fod, fit_ds, cfg, device, "features") if cfg.cache_features else None
         if ck:
             fod.memories = [m.to(device) for m in ck["memory"]]
             fod.models.load_state_dict(ck["models"])
         else:
-            fod.memories = [m.to(device) for m in reference_memory(fod, train_ds, cfg, device, cached)]
+            fod.memories = [m.to(device) for m in reference_memory(fod, fit_ds, cfg, device, cached)]
         opt = torch.optim.Adam(fod.models.parameters(), lr=cfg.lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         start, history, train_seconds, compat = 0, [], 0.0, {"epochs": []}
@@ -200,11 +205,11 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
                 return "no checkpoint was written"
             return f"{ck_path} keeps the last good model (epoch {saved['epoch']}; --resume continues from it)"
 
-        n = len(train_ds)
+        n = len(fit_ds)
         try:
             for epoch in range(start, cfg.epochs):
                 t0 = time.perf_counter()
-                sums = train_epoch(fod, opt, cfg, gen, n, cached=cached, train_ds=train_ds,
+                sums = train_epoch(fod, opt, cfg, gen, n, cached=cached, train_ds=fit_ds,
                                    desc=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch + 1)
                 bad = C.nonfinite(fod.models.state_dict())
                 if bad:
@@ -227,11 +232,13 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
         except WriteError as exc:
             raise WriteError(exc.errno, f"{exc}; {kept()}") from None
 
+        calib = CAL.calibrate(fod, val_ds, cfg, device, cal_plan, log) if val_ds is not None else None
         log("fod: evaluating the final model on the test set")
         res = evaluate(fod, test_ds, cfg, device)
         scale = R.map_scale(res)
-        save(max(cfg.epochs, start), {"map_scale": scale})
+        save(max(cfg.epochs, start), {"map_scale": scale, "calibration": calib})
         metrics = public_metrics(res)
+        metrics.update(thresholds=CAL.threshold_metrics(res, calib), calibration=calib)
         metrics.update(protocol="honest: trained the configured epochs, final model evaluated once",
                        epochs=cfg.epochs, train_seconds=train_seconds,
                        train_seconds_per_epoch=train_seconds / max(1, len(history)) if history else None,
@@ -250,5 +257,6 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
         written = R.write_outputs(o.stage, cfg=cfg, ds=test_ds, res=res, metrics=metrics, history=history,
                                   scale=scale, heatmaps=cfg.heatmaps)
         o.commit()
+    CAL.log_threshold_metrics(metrics["thresholds"], log)
     R.log_metrics(metrics, folder.path, ", ".join(["checkpoint.pt", "config.toml"] + written), log)
     return metrics

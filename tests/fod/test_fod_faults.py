@@ -467,7 +467,8 @@ def test_stale_temporaries_go_and_user_files_stay(run2, tmp_path):
     (out / "mine.txt").write_text("the user's")
     assert _main("predict", "--checkpoint", run2[0] / "checkpoint.pt", _data_of(run2) + "/test/good/000.png",
                  "--output", out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "maps.npz", "mine.txt", "notes.tmp", "scores.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "maps.npz", "masks", "mine.txt", "notes.tmp",
+                                                     "scores.json"]
 
 
 def test_resume_with_fewer_epochs_than_trained_is_refused(data, run2, tmp_path, capsys):
