@@ -5,7 +5,9 @@ MASTER_PORT): backend ``cpu:gloo,cuda:nccl`` where CUDA is available (CUDA tenso
 gloo), else gloo, with a timeout on every collective (``FOD_DIST_TIMEOUT`` seconds, default 300), plus a gloo
 group for the CPU tensors and Python objects the pipeline exchanges (features, evaluation maps, messages).
 Without torchrun, or with one process, nothing is started and every helper here is the identity: the
-single-process path is the one it always was.
+single-process path is the one it always was. The command line calls ``setup()``; a Python program launched by
+torchrun that calls ``fod.train.train`` or ``fod.evaluate.test`` itself calls ``setup()`` first (and
+``shutdown()`` at the end), else each process runs alone.
 
 What the pipeline does with it (``fod.train``, ``fod.evaluate``, ``fod.benchmark``):
 
