@@ -115,13 +115,14 @@ def quiet(msg: str):
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the error on its way out is not interrupted again
     raise DistributedError(f"{_context.tag}stopped by torchrun (SIGTERM): another process of the run failed or "
                            "the run was stopped; torchrun's report names the process")
 
 
 def setup() -> Context:
     """Start the process group from torchrun's environment (when launched() is true)."""
-    global _context, _checking
+    global _context, _checking, _tqdm_init, _sigterm
     import torch.distributed as dist
     timeout = datetime.timedelta(seconds=timeout_seconds())
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
@@ -137,24 +138,23 @@ def setup() -> Context:
     _checking = True
     if not _context.is_main:  # one set of progress bars: rank 0's
         from tqdm import tqdm
-        global _tqdm_init
         _tqdm_init = tqdm.__init__
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
-    global _sigterm
     _sigterm = signal.signal(signal.SIGTERM, _on_sigterm)  # torchrun ends the others when one fails: say so
     return _context
 
 
 def shutdown(destroy: bool = True):
-    """End the process group (``destroy=False`` after an error: the process exits, a collective may be stuck)
-    and restore what setup() changed."""
+    """End the process group and restore what setup() changed. ``destroy=False`` after an error: the process
+    is about to exit (a collective may be stuck): the group is left, and torchrun's SIGTERM is ignored from
+    now on, so that the error message gets out."""
     global _context, _checking, _tqdm_init, _sigterm
     import torch.distributed as dist
     if destroy and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _context, _checking = SINGLE, False
     if _sigterm is not None:
-        signal.signal(signal.SIGTERM, _sigterm)
+        signal.signal(signal.SIGTERM, _sigterm if destroy else signal.SIG_IGN)
         _sigterm = None
     if _tqdm_init is not None:
         from tqdm import tqdm

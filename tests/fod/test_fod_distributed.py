@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import warnings
@@ -73,7 +72,7 @@ def _fod(*args) -> int:
         return main([str(a) for a in args])
 
 
-def _torchrun(*args, nproc=2, script=None, timeout=120, **env):
+def _torchrun(*args, nproc=2, script=None, timeout=300, **env):
     """fod (or the fault wrapper ``script``) under torchrun with ``nproc`` processes."""
     target = [str(script)] if script else ["-m", "fod"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target,
@@ -229,11 +228,11 @@ def test_killed_process_ends_the_run_and_resume_on_one_process(runs, data, fault
     2-process run ended."""
     _, two, _ = runs
     out = tmp_path / "killed"
-    t0 = time.monotonic()
+    # a collective timeout far beyond the launch's own (a hang fails the test with TimeoutExpired): the run
+    # must end because the loss of the process is noticed, not because a collective timed out
     proc = _torchrun("train", "--data", data, "--output", out, *TINY, "--batch-size", 2, script=faults,
-                     FOD_TEST_FAULT="kill:1:5", FOD_DIST_TIMEOUT="60")
+                     FOD_TEST_FAULT="kill:1:5", FOD_DIST_TIMEOUT="3600", timeout=300)
     assert proc.returncode != 0
-    assert time.monotonic() - t0 < 60, "the run waited for the timeout: the lost process was not noticed"
     errors = _errors(proc)
     assert any("[rank 0 of 2]" in e and "lost another process of the run" in e for e in errors) or any(
         "stopped by torchrun" in e for e in errors), proc.stderr[-3000:]
@@ -251,11 +250,11 @@ def test_killed_process_ends_the_run_and_resume_on_one_process(runs, data, fault
 
 
 def test_hanging_process_times_out(data, faults, tmp_path):
-    """Process 1 stops answering: process 0 gives up after FOD_DIST_TIMEOUT seconds and says so."""
-    t0 = time.monotonic()
+    """Process 1 stops answering (for 10 minutes): process 0 gives up after FOD_DIST_TIMEOUT seconds and says
+    so (without the timeout the launch would outlast its own limit and fail the test)."""
     proc = _torchrun("train", "--data", data, "--output", tmp_path / "hung", *TINY, "--batch-size", 2,
-                     script=faults, FOD_TEST_FAULT="hang:1:2", FOD_DIST_TIMEOUT="4")
-    assert proc.returncode != 0 and time.monotonic() - t0 < 90
+                     script=faults, FOD_TEST_FAULT="hang:1:2", FOD_DIST_TIMEOUT="4", timeout=300)
+    assert proc.returncode != 0
     errors = _errors(proc)
     assert any(e.startswith("fod train: error: [rank 0 of 2] training step: lost another process") and
                "did not answer within 4 s" in e for e in errors), proc.stderr[-3000:]
