@@ -295,14 +295,24 @@ def _run_parallel(jobs: list, devices: list[str], coreset: float, overwrite: boo
 def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[list[str]] = None,
               devices: Optional[list[str]] = None, coreset: float = 1.0, overwrite: bool = False,
               command: Optional[str] = None, log=say) -> list[dict]:
-    """Run the benchmark; returns the records (as results.json). A failed category has status "failed"."""
+    """Run the benchmark; returns the records (as results.json). A failed category has status "failed".
+
+    Under torchrun (several processes) whole categories are spread over the processes (rank r runs the
+    categories r, r + N, ... one after the other, each as a single-process run on its own device: the results
+    equal those of one process); rank 0 gathers the records and writes the results files, and returns all of
+    them; the other processes return their own."""
+    from . import distributed as D
     from .baselines import coreset_size
+    ctx = D.current()
     coreset_size(1, coreset)  # validates the ratio
     root = Path(root).resolve()
     out = Path(output)
     base = dataclasses.replace(base, dataset=dataset, data=str(root))
-    names = find_categories(root, dataset, categories, log)
-    devices = list(devices) if devices else [base.device]
+    names = find_categories(root, dataset, categories, log if ctx.is_main else D.quiet)
+    if ctx.distributed and devices:
+        raise ValueError("--devices is for one process; under torchrun every process takes one device (--device cuda: "
+                         "the GPU of its local rank)")
+    devices = [D.local_device(base.device)] if ctx.distributed else list(devices) if devices else [base.device]
     for d in devices:
         dataclasses.replace(base, device=d).check()
     jobs = [(n, category_config(base, root, n), out / n) for n in names]
@@ -313,21 +323,30 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
         if conflicts:
             raise FileExistsError("; ".join(conflicts) + ". Use another --output, the same options, or --overwrite "
                                   "to start those categories over")
+    D.checks_passed()  # several processes: every one passed its checks (else all stop here)
+    if ctx.distributed:
+        patient = D.patient_group()  # the final gather waits for the slowest process, however long it takes
+        jobs = jobs[ctx.rank::ctx.world_size]
+        log(f"fod benchmark: {ctx.tag}categories {', '.join(n for n, _, _ in jobs) or '(none)'} on {devices[0]}")
     out.mkdir(parents=True, exist_ok=True)
-    log(f"fod benchmark: {len(names)} {dataset} categories from {root}: {', '.join(names)}; devices "
-        f"{', '.join(devices)}; results in {out}/")
+    if ctx.is_main:
+        log(f"fod benchmark: {len(names)} {dataset} categories from {root}: {', '.join(names)}; devices "
+            f"{', '.join(devices)}" + (f" (rank 0 of {ctx.world_size})" if ctx.distributed else "")
+            + f"; results in {out}/")
     t0 = time.perf_counter()
 
     def on_done(records):
-        write_results(out, [records[n] for n in names if n in records], base, dataset, root, devices, coreset,
-                      command)
+        if ctx.is_main:  # under torchrun: rank 0's categories so far; all of them at the end
+            write_results(out, [records[n] for n in names if n in records], base, dataset, root, devices, coreset,
+                          command)
 
     records = {}
     if len(devices) == 1:
         for name, cfg, run in jobs:
             try:
-                records[name] = run_category(dataclasses.replace(cfg, device=devices[0]), run, coreset=coreset,
-                                             overwrite=overwrite, log=log)
+                with D.single():  # under torchrun too: a category is a single-process run
+                    records[name] = run_category(dataclasses.replace(cfg, device=devices[0]), run, coreset=coreset,
+                                                 overwrite=overwrite, log=log)
             except Exception as exc:
                 _write_error(run, exc)
                 log(f"fod benchmark: {name} FAILED: {type(exc).__name__}: {exc} (details in {run / ERROR_FILE}); "
@@ -336,6 +355,12 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
             on_done(records)
     else:
         records = _run_parallel(jobs, devices, coreset, overwrite, on_done, log)
+    if ctx.distributed:
+        everyone = D.gather_objects(records, "fod benchmark: gathering the results", group=patient)
+        if not ctx.is_main:
+            return list(records.values())
+        records = {k: v for r in everyone for k, v in r.items()}
+        devices = [f"{ctx.world_size} torchrun processes ({base.device})"]
     rows = write_results(out, [records[n] for n in names], base, dataset, root, devices, coreset, command)
     failed = [r["category"] for r in rows if r["status"] == "failed"]
     log(f"fod benchmark: {len(names) - len(failed)} of {len(names)} categories done in "

@@ -4,7 +4,9 @@ A checkpoint (``checkpoint.pt``) holds everything needed to resume training bit 
 images: the configuration, the level models, the reference memories, the backbone (name, levels,
 weights and where they came from), the preprocessing (interpolation, mean, std), the optimiser, every
 RNG state, the history and timings, the decision thresholds (``calibration``: see fod.calibrate; None
-when none were set), and a SHA-256 of all of it (``sha256``, over the values: tensors
+when none were set), the number of processes and the global batch it was trained with (``world_size``,
+``global_batch_size``: nothing else in it depends on the number of processes, and --resume continues it on
+any number that keeps the global batch), and a SHA-256 of all of it (``sha256``, over the values: tensors
 by dtype, shape and bytes) that is verified on load. Non-finite weights are never saved and refused on
 load. Format v1 (no checksum, no preprocessing entry: bilinear resize, ImageNet normalisation) is still
 read, with a note.

@@ -29,6 +29,7 @@ New images:   fod predict --checkpoint runs/bottle/checkpoint.pt img1.png img2.p
 Export:       fod export --checkpoint runs/bottle/checkpoint.pt --format onnx --output bottle.onnx
 Reproduce:    fod train --config runs/bottle/config.toml --output runs/bottle-again
 Benchmark:    fod benchmark --data mvtec --dataset mvtec --output runs/mvtec [--devices cuda:0,cuda:1]
+Several GPUs: torchrun --nproc-per-node 4 -m fod train --device cuda --batch-size 2 ...  (global batch 4 x 2)
 """
 
 DEMO_DEFAULTS = CF.DEMO_DEFAULTS  # public name, kept
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--dataset", default=None, choices=CF.LAYOUTS,
                    help="directory layout (default: the one of training)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the one of training)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size per process (default: the one of training)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     add_config_options(p, groups=(CF.RUN_OPTIONS,))
 
@@ -200,7 +202,7 @@ def resolve_config(args, demo: bool = False) -> CF.Config:
     values.update(from_file)
     values.update(given)
     taken = CF.apply_compat_defaults(values, set(given) | set(from_file))
-    if taken:
+    if taken and int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, rank 0 says it
         from .report import say
         say("fod: --compat-official: the official code's " + ", ".join(f"{k} {v}" for k, v in taken.items())
             + " (give them explicitly to override)")
@@ -219,9 +221,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
+    from . import distributed as D
     from .evaluate import predict, test
     from .train import train
+    rc = 0
     try:
+        if D.launched():  # torchrun started this process as one of several
+            if args.command not in D.COMMANDS:
+                raise ValueError(f"fod {args.command} runs in one process: launch it without torchrun (under "
+                                 f"torchrun: fod {', fod '.join(D.COMMANDS)})")
+            D.setup()
         if not str(args.output).strip():
             raise ValueError("--output is empty")
         if args.command == "train":
@@ -240,14 +249,18 @@ def main(argv=None) -> int:
         elif args.command == "demo":
             return demo(args)
         elif args.command == "benchmark":
-            return benchmark(args, argv)
+            rc = benchmark(args, argv)
     except (OSError, ValueError, RuntimeError) as exc:  # OSError: files (missing, full disk, read-only, ...)
-        print(f"fod {args.command}: error: {exc}", file=sys.stderr)
+        msg = D.settle(exc)  # several processes: None where another process reports the error
+        D.shutdown(destroy=False)
+        if msg is not None:
+            print(f"fod {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fod {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    D.shutdown()
+    return rc
 
 
 def benchmark(args, argv=None) -> int:

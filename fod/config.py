@@ -53,7 +53,8 @@ class Config:
         "image resizing filter (lanczos as the authors' code; masks always use nearest neighbour)",
         choices=INTERPOLATIONS))
     epochs: int = field(default=100, metadata=opt("training epochs"))
-    batch_size: int = field(default=8, metadata=opt("batch size"))
+    batch_size: int = field(default=8, metadata=opt(
+        "batch size per process (under torchrun the global batch is the number of processes times this)"))
     lr: float = field(default=1e-4, metadata=opt("Adam learning rate"))
     lambda1: float = field(default=0.5, metadata=opt("weight of the KL discrepancy terms"))
     lambda2: float = field(default=0.5, metadata=opt("weight of the entropy terms"))

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as C
+from . import distributed as D
 from . import metrics as M
 from . import report as R
 from . import viz
@@ -22,13 +23,17 @@ from .model import FOD, loader
 
 
 @torch.no_grad()
-def evaluate(fod: FOD, ds, cfg: Config, device: str, desc: str = "evaluate") -> dict:
-    """Maps for the whole test set and all metrics. Returns a dict with the arrays too."""
+def evaluate(fod: FOD, ds, cfg: Config, device: str, desc: str = "evaluate") -> Optional[dict]:
+    """Maps for the whole test set and all metrics. Returns a dict with the arrays too.
+
+    Several processes (fod.distributed): each scores its contiguous shard of ``ds``; rank 0 gathers the maps
+    in the dataset's order and computes the metrics; the other processes return None."""
+    ctx = D.current()
     fod.eval()
     maps, masks, labels, defects, paths = [], [], [], [], []
     t0 = time.perf_counter()
     n = 0
-    bar = tqdm(loader(ds, cfg, cfg.batch_size), desc=desc, unit="batch", leave=False)
+    bar = tqdm(loader(D.shard_of(ds), cfg, cfg.batch_size), desc=desc, unit="batch", leave=False)
     for batch in bar:
         m = fod.anomaly_maps(batch["image"].to(device), amp=cfg.amp)
         maps.append(m.float().cpu().numpy())
@@ -38,12 +43,31 @@ def evaluate(fod: FOD, ds, cfg: Config, device: str, desc: str = "evaluate") -> 
         paths += list(batch["path"])
         n += m.shape[0]
         bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - t0):.2f}")
+    if ctx.distributed:
+        got = _gather(maps, masks, labels, defects, paths, cfg.image_size)
+        if got is None:
+            return None
+        maps, masks, labels, defects, paths = got
+        n = len(labels)
     seconds = time.perf_counter() - t0
     maps, masks = np.concatenate(maps), np.concatenate(masks)
     res = M.evaluate_maps(maps, masks, labels, defects)
     res.update(maps=maps, masks=masks, labels=np.array(labels), defects=defects, paths=paths,
                eval_seconds=seconds, eval_images_per_second=n / seconds)
     return res
+
+
+def _gather(maps, masks, labels, defects, paths, size: int):
+    """This process's maps and labels of its shard -> all of them in the dataset's order on rank 0 (else None)."""
+    def rows(arrays, dtype):
+        return torch.from_numpy(np.concatenate(arrays)) if arrays else torch.zeros((0, size, size), dtype=dtype)
+    maps = D.gather_rows(rows(maps, torch.float32), "gathering the anomaly maps")
+    masks = D.gather_rows(rows(masks, torch.bool).to(torch.uint8), "gathering the masks")  # gloo: no bool
+    meta = D.gather_objects((labels, defects, paths), "gathering the labels")
+    if meta is None:
+        return None
+    labels, defects, paths = ([x for m in meta for x in m[i]] for i in range(3))
+    return [maps.numpy()], [masks.numpy().astype(bool)], labels, defects, paths  # as the lists of batches
 
 
 def public_metrics(res: dict) -> dict:
@@ -80,24 +104,37 @@ def _run_setup(checkpoint, *, device, backend, amp, workers, heatmaps, batch_siz
 def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str = "cpu",
          backend: Optional[str] = None, batch_size: Optional[int] = None, overwrite: bool = False,
          heatmaps: int = -1, amp: bool = False, workers: Optional[int] = None, log=R.say) -> dict:
-    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png."""
+    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png.
+
+    Under torchrun (several processes): each process scores its shard (``batch_size`` per process), rank 0
+    computes the metrics, writes the outputs and returns the metrics; the other processes return None."""
+    ctx = D.current()
+    if not ctx.is_main:
+        log = D.quiet
     refuse_inside(output, data)
-    folder = OutputFolder(output, "test", overwrite=overwrite).check()
+    folder = OutputFolder(output, "test", overwrite=overwrite)
+    if ctx.is_main:
+        folder.check()
+    device = D.local_device(device)
     fod, cfg, pre = _run_setup(checkpoint, device=device, backend=backend, amp=amp, workers=workers,
                                heatmaps=heatmaps, batch_size=batch_size, log=log)
     layout = dataset or cfg.dataset
     ds = AnomalyDataset(data, "test", layout, pre=pre)
-    R.log_preprocessing(pre, scan_sizes(ds), log)
-    check_split(ds)
+    if ctx.is_main:
+        R.log_preprocessing(pre, scan_sizes(ds), log)
+        check_split(ds)
     from . import calibrate as CAL
-    with folder.open() as o:
+    with (folder.open() if ctx.is_main else D.no_folder(folder.path)) as o:
+        D.checks_passed()  # several processes: every one passed its checks (else all stop here)
         res = evaluate(fod, ds, cfg, device)
+        if res is None:  # a process other than rank 0
+            return None
         metrics = public_metrics(res)
         metrics.update(thresholds=CAL.threshold_metrics(res, C.calibration_of(fod.checkpoint)))
         metrics.update(protocol="evaluation of a saved checkpoint", checkpoint=str(checkpoint), data=str(data),
                        weights=fod.backbone.weights_source, backend=fod.backend, config=to_dict(cfg),
                        preprocess=pre.describe(), score=fod.score_description,
-                       versions=R.versions(fod.backend))
+                       versions=R.versions(fod.backend), world_size=ctx.world_size)
         shown = dataclasses.replace(cfg, data=str(data), dataset=layout)  # the summary names the data evaluated
         written = R.write_outputs(o.stage, cfg=shown, ds=ds, res=res, metrics=metrics,
                                   history=fod.checkpoint.get("history", []), heatmaps=heatmaps,
