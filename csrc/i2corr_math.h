@@ -21,6 +21,12 @@
 
 namespace i2c {
 
+// The smallest prior width in tokens: every kernel reads sigma as max(sigma, kSigmaMin) (sigma_eff) and gives
+// dsigma = 0 below it (sigma_grad: the gradient of torch.clamp_min). It changes no value (the prior is one-hot
+// far above it) and removes the NaN of sigma^2 underflowing. Must equal fod_kernels._validate.SIGMA_MIN (the
+// CPU extension exports it as SIGMA_MIN; tests/kernels/test_kernel_edges.py checks that the two agree).
+constexpr double kSigmaMin = 1e-6;
+
 // ---------------------------------------------------------------------------
 // exp / log. On the host, float uses a branch-free polynomial that GCC
 // vectorises inside `#pragma omp simd` loops (libm's expf/logf are scalar
@@ -47,6 +53,9 @@ I2C_HD int32_t float_to_bits(float f) {
 #endif
 }
 
+// exp for float. x is clamped to [lo, hi] (below lo the result is flushed to 0); n = round(x / ln2)
+// reaches 128 for x >= 127.5 ln2 (about 88.3763), where 2^n is not a float: the scale is then
+// 2^127 times 2 (exact), which keeps exp(x) finite up to hi, where it is just below FLT_MAX.
 I2C_HD float exp_poly(float x) {
   const float lo = -87.33654f, hi = 88.72283f;
   bool tiny = x < lo;
@@ -66,8 +75,11 @@ I2C_HD float exp_poly(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float res = p * bits_to_float(e);
+  int32_t ni = static_cast<int32_t>(n);
+  const bool top = ni > 127;
+  ni = top ? 127 : ni;
+  float res = p * bits_to_float((ni + 127) << 23);
+  res = top ? res * 2.0f : res;
   return tiny ? 0.0f : res;
 }
 
@@ -121,6 +133,12 @@ template <> I2C_HD double fast_log<double>(double x) { return log(x); }
 
 // 1 / (2 s^2): the coefficient of d^2 in the negated axis log-weight.
 template <typename T> I2C_HD T half_inv_sq(T s) { return T(0.5) / (s * s); }
+
+// The width the prior uses, max(s, kSigmaMin); NaN stays NaN (as clamp_min).
+template <typename T> I2C_HD T sigma_eff(T s) { return s < T(kSigmaMin) ? T(kSigmaMin) : s; }
+
+// The gradient reaching the caller's sigma: 0 where it was raised to kSigmaMin (as clamp_min's).
+template <typename T> I2C_HD T sigma_grad(T s, T g) { return s < T(kSigmaMin) ? T(0) : g; }
 
 // Axis log-weight -d^2 * c for distance d = center - r.
 template <typename T> I2C_HD T axis_logw(T center, T r, T c) {

@@ -8,9 +8,10 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Widths below this many tokens are raised to it before any backend runs: at 1e-6 the prior is already a one-hot
-# (exp(-1 / (2 sigma^2)) underflows to 0 in float64) and its gradient 0, so nothing changes but the NaN of
-# sigma^2 underflowing to 0 (at about 1e-20 in float32).
+# Widths below this many tokens are raised to it by every backend (max(sigma, SIGMA_MIN), with clamp_min's
+# gradient, 0 below): at 1e-6 the prior is already a one-hot (exp(-1 / (2 sigma^2)) underflows to 0 in float64)
+# and its gradient 0, so nothing changes but the NaN of sigma^2 underflowing to 0 (at about 1e-20 in float32).
+# csrc/i2corr_math.h (kSigmaMin) and fod_kernels/triton_kernels.py hold the same value.
 SIGMA_MIN = 1e-6
 ROW_MAJOR = "tokens are numbered row-major on the grid: token i sits at row i // cols, column i % cols"
 

@@ -10,7 +10,7 @@ import torch
 
 from ._backends import BACKENDS, get_runner, resolve_backend_name
 from ._custom_op import stats_dtype
-from ._validate import SIGMA_MIN, check_branch, check_finite_result, check_scalars, scans_enabled
+from ._validate import check_branch, check_finite_result, check_scalars, scans_enabled
 from .reference import correlation_reference
 
 # Backends that take a key_padding_mask and a memory of several images (S = m * L); the kernels follow later.
@@ -85,10 +85,10 @@ def _run(branches, masks, grid, scale, eps, backend, need_stats, check_values):
         if rows_cols is not None and rc != rows_cols:
             raise ValueError(f"both branches must share one grid, got {rows_cols} and {rc}")
         rows_cols = rc
-        # The prior is computed in the statistics dtype (float32, or float64 for float64 inputs), from widths of
-        # at least SIGMA_MIN tokens (see _validate.SIGMA_MIN: it changes no value, it removes a NaN).
-        sigma = sigma.to(stats_dtype(q.dtype)).clamp_min(SIGMA_MIN)
-        fixed.append((q, _unbroadcast(k), _unbroadcast(v), sigma))
+        # The prior is computed in the statistics dtype (float32, or float64 for float64 inputs); sigma is passed
+        # as it is when it has that dtype (no copy: the kernels read it in place). Every backend raises it to
+        # SIGMA_MIN itself (see _validate.SIGMA_MIN: it changes no value, it removes a NaN).
+        fixed.append((q, _unbroadcast(k), _unbroadcast(v), sigma.to(stats_dtype(q.dtype))))
     if len(fixed) == 2:
         (q0, *_), (q1, *_) = fixed
         if q0.device != q1.device or q0.dtype != q1.dtype:

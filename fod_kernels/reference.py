@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import SIGMA_MIN
+
 __all__ = ["prior_log_weights", "correlation_reference"]
 
 
@@ -47,6 +49,7 @@ def correlation_reference(q, k, v, sigma, grid, scale=None, eps=1e-4, key_paddin
     nothing to K and E; a row must keep at least one key.
     """
     rows, cols = grid
+    sigma = sigma.clamp_min(SIGMA_MIN)  # as every kernel does (max(sigma, SIGMA_MIN), clamp_min's gradient)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     s = scale * torch.matmul(q, k.transpose(-1, -2))  # k broadcasts when Bk = 1

@@ -24,7 +24,10 @@ fp32 inputs ("ieee" by default, "tf32" on request).
 import triton
 import triton.language as tl
 
+from ._validate import SIGMA_MIN as _SIGMA_MIN
+
 NEG = tl.constexpr(-1.0e30)  # score of a masked key: exp underflows to 0 without inf - inf
+SIGMA_MIN = tl.constexpr(_SIGMA_MIN)  # the prior reads max(sigma, SIGMA_MIN); dsigma is 0 below it
 
 
 @triton.jit
@@ -59,6 +62,14 @@ def _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G: tl.constexpr):
     ci = (offs_m % cols).to(tl.float32)
     logz = _axis_log_norm(ri, cy, rows, BLOCK_G) + _axis_log_norm(ci, cx, cols, BLOCK_G)
     return logz, cy, cx
+
+
+@triton.jit
+def _load_sigma(SG, offs_m, ss_l, mask_m):
+    """The widths of a query tile as the prior uses them: max(sigma, SIGMA_MIN), in fp32."""
+    sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
+    sx = tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
+    return tl.maximum(sy, SIGMA_MIN), tl.maximum(sx, SIGMA_MIN)
 
 
 @triton.jit
@@ -168,8 +179,7 @@ def fwd_kernel(Q0, K0, V0, SG0, OUT0, LSE0, KL0, ENT0, RA0, RB0,
         tl.store(o_ptrs, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     else:
         # Pass 2: exact p and t; out, and the row sums of the element terms.
-        sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
-        sx = tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
+        sy, sx = _load_sigma(SG, offs_m, ss_l, mask_m)
         logz, cy, cx = _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G)
         ri = (offs_m // cols).to(tl.float32)
         ci = (offs_m % cols).to(tl.float32)
@@ -229,8 +239,7 @@ def logz_kernel(SG0, SG1, ROW, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1, H, NROW
     row0 = bh.to(tl.int64) * L
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < L
-    sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
-    sx = tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
+    sy, sx = _load_sigma(SG, offs_m, ss_l, mask_m)
     logz, cy, cx = _log_norm(sy, sx, offs_m, rows, cols, BLOCK_G)
     tl.store(ROW + (br.to(tl.int64) * 6 + 5) * NROW + row0 + offs_m, logz, mask=mask_m)
 
@@ -309,8 +318,7 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, Q1, K1, V1, SG1, DO1, DK1, D
             g_kl_attn = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
             g_ent = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
             logz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
-            sy = tl.load(SGb + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
-            sx = tl.load(SGb + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
+            sy, sx = _load_sigma(SGb, offs_m, ss_l, mask_m)
             # Transposed tiles: keys along axis 0, queries along axis 1.
             # The scores exactly as the forward and the dq kernel compute them (same operand order), so that
             # p agrees bitwise with the p behind lse, R1, R2: with large logits a one-ulp change of s
@@ -391,8 +399,7 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
     g_kl_prior = tl.load(ROWB + 3 * NROW + rr, mask=mask_m, other=0.0)
     g_ent = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
     logz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
-    sy = tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32)
-    sx = tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32)
+    sy, sx = _load_sigma(SG, offs_m, ss_l, mask_m)
     cy = 0.5 / (sy * sy)
     cx = 0.5 / (sx * sx)
     ri = (offs_m // cols).to(tl.float32)
@@ -437,5 +444,8 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, Q1, K1, V1, SG1, DO1, DQ1, DS1
     tl.store(DQ + offs_m[:, None] * sdq_l + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
     dsy = g_kl_prior * (tw_dy - w_sum * t_dy) / (sy * sy * sy)
     dsx = g_kl_prior * (tw_dx - w_sum * t_dx) / (sx * sx * sx)
+    # clamp_min's gradient: 0 where the caller's sigma was raised to SIGMA_MIN
+    dsy = tl.where(tl.load(SG + offs_m * ss_l, mask=mask_m, other=1.0).to(tl.float32) < SIGMA_MIN, 0.0, dsy)
+    dsx = tl.where(tl.load(SG + offs_m * ss_l + 1, mask=mask_m, other=1.0).to(tl.float32) < SIGMA_MIN, 0.0, dsx)
     tl.store(DS + offs_m * sds_l, dsy.to(DS.dtype.element_ty), mask=mask_m)
     tl.store(DS + offs_m * sds_l + 1, dsx.to(DS.dtype.element_ty), mask=mask_m)

@@ -142,7 +142,7 @@ void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool 
     for (int64_t j = 0; j < L; ++j) prow[j] *= inv;
     lse[x] = lse_i;
     if (stats) {
-      pr.set(i, SG[2 * i], SG[2 * i + 1], rows, cols);
+      pr.set(i, i2c::sigma_eff<T>(SG[2 * i]), i2c::sigma_eff<T>(SG[2 * i + 1]), rows, cols);
       if (eps > T(0))
         row_stats<T, true>(srow, prow, lse_i, pr, rows, cols, eps, kl + x, ent + x, r1 + x, r2 + x);
       else
@@ -207,7 +207,7 @@ void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int6
       i2cpu::gemm_abt<T>(nb, Lp, Dp, T(1), G + i0 * Dp, VT, GV.data());  // GV = G V^T
       for (int64_t ii = 0; ii < nb; ++ii) {
         const int64_t i = i0 + ii, x = row0 + i;
-        const T sy = SG[2 * i], sx = SG[2 * i + 1];
+        const T sy = i2c::sigma_eff<T>(SG[2 * i]), sx = i2c::sigma_eff<T>(SG[2 * i + 1]);
         pr.set(i, sy, sx, rows, cols);
         T W, Sy, Sx;
         T *srow = S.data() + ii * Lp, *gvrow = GV.data() + ii * Lp, *prow = P.data() + ii * Lp,
@@ -218,8 +218,9 @@ void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int6
         else
           row_backward<T, false>(srow, gvrow, lse[x], dfull[x], g_kl_attn[x], g_ent[x], pr, rows, cols, eps, scale,
                                  prow, dsrow, &W, &Sy, &Sx);
-        dsig[2 * x] = i2c::dsigma_axis<T>(g_kl_prior[x], Sy, W, pr.sum_t_dy2, sy);
-        dsig[2 * x + 1] = i2c::dsigma_axis<T>(g_kl_prior[x], Sx, W, pr.sum_t_dx2, sx);
+        dsig[2 * x] = i2c::sigma_grad<T>(SG[2 * i], i2c::dsigma_axis<T>(g_kl_prior[x], Sy, W, pr.sum_t_dy2, sy));
+        dsig[2 * x + 1] =
+            i2c::sigma_grad<T>(SG[2 * i + 1], i2c::dsigma_axis<T>(g_kl_prior[x], Sx, W, pr.sum_t_dx2, sx));
       }
       i2cpu::gemm_ab<T>(nb, L, Lp, Dp, DS.data(), K, DQ.data());               // dq = dS K
       for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(DQ.data() + ii * Dp, D, dq + (row0 + i0 + ii) * D);
@@ -392,4 +393,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fod_kernels: fused I2Correlation kernels for the CPU (float32, float64)";
   m.def("forward", &forward, "I2Correlation forward over a list of branches");
   m.def("backward", &backward, "I2Correlation backward over a list of branches");
+  m.attr("SIGMA_MIN") = i2c::kSigmaMin;
 }

@@ -102,8 +102,8 @@ __device__ __forceinline__ Row make_row(int i, int cols, float lse, gptr<const T
   r.lse = lse;
   r.qr = float(i / cols);
   r.qc = float(i % cols);
-  r.cy = i2c::half_inv_sq<float>(to_f(sigma[i * sl]));
-  r.cx = i2c::half_inv_sq<float>(to_f(sigma[i * sl + 1]));
+  r.cy = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sigma[i * sl])));
+  r.cx = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sigma[i * sl + 1])));
   r.logz = logz[i];
   return r;
 }
@@ -142,7 +142,8 @@ __global__ void __launch_bounds__(NT) logz_kernel(LogzParams<T> P) {
   const int i = int(r % P.L);
   const Strides ss = br == 0 ? P.ss[0] : P.ss[1];  // constant indices: no local-memory copy
   const gptr<const T> sg = slab(br == 0 ? P.sigma[0] : P.sigma[1], ss, bh / P.H, bh % P.H) + i * ss.l;
-  const float cy = i2c::half_inv_sq<float>(to_f(sg[0])), cx = i2c::half_inv_sq<float>(to_f(sg[1]));
+  const float cy = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sg[0]))),
+              cx = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sg[1])));
   (br == 0 ? P.logz[0] : P.logz[1])[r] = i2c::axis_log_norm<float>(float(i / P.cols), cy, P.rows) +
                   i2c::axis_log_norm<float>(float(i % P.cols), cx, P.cols);
 }
@@ -427,9 +428,10 @@ __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
       if (tx == 0) {
         const float g_kl_prior = Bp.g_kl_prior[r];
         const float sy = to_f(sigma[i * Bp.ss.l]), sx = to_f(sigma[i * Bp.ss.l + 1]);
+        const float ey = i2c::sigma_eff<float>(sy), ex = i2c::sigma_eff<float>(sx);
         const gptr<T> dsig = slab(Bp.dsigma, Bp.sds, task.b, task.h) + i * Bp.sds.l;
-        dsig[0] = T(i2c::dsigma_axis<float>(g_kl_prior, Swy, Wt, Sty, sy));
-        dsig[1] = T(i2c::dsigma_axis<float>(g_kl_prior, Swx, Wt, Stx, sx));
+        dsig[0] = T(i2c::sigma_grad<float>(sy, i2c::dsigma_axis<float>(g_kl_prior, Swy, Wt, Sty, ey)));
+        dsig[1] = T(i2c::sigma_grad<float>(sx, i2c::dsigma_axis<float>(g_kl_prior, Swx, Wt, Stx, ex)));
       }
     }
   }

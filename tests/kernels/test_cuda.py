@@ -182,6 +182,14 @@ def test_sim_fused_branches_equal_single_calls(sim_run):
             assert torch.equal(single[n], grads[4 * i + j].double()), (i, n)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+def test_sim_sigma_below_minimum(sim_run, eps):
+    """The CUDA kernels read max(sigma, SIGMA_MIN) and give dsigma = 0 below it (see test_sigma_min.py)."""
+    from test_sigma_min import check_tiny_sigma, tiny_sigma_branch
+    check_tiny_sigma(sim_run, tiny_sigma_branch(), eps)
+
+
 def _cuobjdump():
     import os
     cands = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump", shutil.which("cuobjdump")]

@@ -20,10 +20,9 @@ torch.utils.cpp_extension.load and called with ctypes:
   contraction (which changes their rounding, hence a separate test). On a GPU the device path calls CUDA's
   expf/logf instead; that path is not compiled here and needs a GPU to test.
 
-Known defect (xfail, strict): exp_poly returns +inf for x in [88.3763, 88.72283] (x / ln2 rounds to 128, and
-the exponent field 255 is +inf) although exp(x) < FLT_MAX there. The kernels only exponentiate arguments
-<= 0, so no published number depends on it; the fix belongs to csrc/ (owned elsewhere), and the test flips
-when it lands.
+exp_poly near the top of its range: n = round(x / ln2) reaches 128 for x >= 127.5 ln2 (about 88.3763), where
+2^n is no float; it scales by 2^127 and then 2 there, so exp is finite and accurate up to its clamp
+(test_exp_top_of_range_is_finite_and_accurate; it was +inf before).
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ import pytest
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 EXP_LO, EXP_HI = np.float32(-87.33654), np.float32(88.72283)  # the clamps inside exp_poly
-EXP_OVERFLOW_BUG = np.float32(88.3762)  # exp_poly(x) is +inf above about 127.5 * ln2 (see the docstring)
+EXP_TOP = np.float32(88.3762)  # above about 127.5 * ln2 n = 128: the 2^127 * 2 scaling (see the docstring)
 # Bounds: the measured maxima (both builds: exp 1 ulp, log 2 ulp) and the measured mean errors rounded up
 # with a small margin. The means depend on FMA contraction (the same formulas rounded differently): with FMA
 # (the CPU extension's -mfma) exp 0.033 and log 0.093 ulp, without it (the simulation's flags) 0.055 and 0.252.
@@ -151,13 +150,13 @@ def log_ref(x):
 def test_exp_ulp_over_its_range(lib):
     n_ln2 = np.arange(-126, 128) * np.log(2.0)
     x = np.concatenate([
-        floats_in(EXP_LO, EXP_OVERFLOW_BUG, 1 << 21),
+        floats_in(EXP_LO, EXP_TOP, 1 << 21),
         neighbours((np.arange(-126, 128) + 0.5) * np.log(2.0)),  # where the reduction's n switches
         neighbours(n_ln2),                                        # r = 0: p(r) = 1 exactly
         neighbours([0.0], 4096),                                  # subnormal and tiny arguments
         np.float32([EXP_LO, 0.0, -0.0, 1.0, -1.0]),
     ])
-    x = x[(x >= EXP_LO) & (x <= EXP_OVERFLOW_BUG)]
+    x = x[(x >= EXP_LO) & (x <= EXP_TOP)]
     got = both(lib, "exp", x)
     check(got, exp_ref(x), x, EXP_MAX_ULP, lib.mean_ulp["exp"], "exp_poly")
 
@@ -176,11 +175,8 @@ def test_exp_edge_values(lib):
     assert (got >= np.finfo(np.float32).tiny * (1 - 2 ** -23)).all()
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/i2corr_math.h exp_poly: n = round(x / ln2) = 128 for x >= ~88.3763 "
-                                       "builds the exponent field 255 (+inf), so exp_poly returns +inf below "
-                                       "FLT_MAX (the kernels only use x <= 0); fix in csrc/ pending")
 def test_exp_top_of_range_is_finite_and_accurate(lib):
-    x = floats_in(EXP_OVERFLOW_BUG, EXP_HI, 1 << 14)
+    x = floats_in(EXP_TOP, EXP_HI, 1 << 14)
     got = both(lib, "exp", x)
     check(got, exp_ref(x), x, EXP_MAX_ULP, 1.0, "exp_poly near ln(FLT_MAX)")
 
