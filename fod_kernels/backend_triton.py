@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ._custom_op import make_kernel_op
+from ._custom_op import make_kernel_op, refuse_extended
 
 try:
     import triton
@@ -185,7 +185,8 @@ def _pair(per_branch, idx):
     return [a for j in (idx[0], idx[-1]) for a in per_branch[j]]
 
 
-def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks=None):
+    refuse_extended("triton", qs, ks, masks)
     qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
     for q in qs:
         _check(q)
@@ -220,7 +221,9 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
     return [t for r in res for t in r]
 
 
-def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps,
+        masks=None):
+    refuse_extended("triton", qs, ks, masks)
     qs, ks, vs, sigmas, g_outs = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas, g_outs))
     for q in qs:
         _check(q)
