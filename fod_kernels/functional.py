@@ -13,8 +13,8 @@ from ._custom_op import stats_dtype
 from ._validate import check_branch, check_finite_result, check_scalars, scans_enabled
 from .reference import correlation_reference
 
-# Backends that take a key_padding_mask and a memory of several images (S = m * L); the GPU kernels follow later.
-EXTENDED_BACKENDS = ("reference", "cpu")
+# Backends that take a key_padding_mask and a memory of several images (S = m * L); the CUDA kernels follow later.
+EXTENDED_BACKENDS = ("reference", "cpu", "triton")
 
 
 class CorrelationStats(NamedTuple):
@@ -164,8 +164,8 @@ def correlation_attention(q, k, v, sigma, grid, *, scale: Optional[float] = None
     (p_ij = t_ij = 0, the prior renormalised over the unmasked keys) and of K
     and E; every row must keep a key (``check_values`` raises otherwise; without
     the check such a row is NaN). The mask and S != L run on the backends in
-    ``EXTENDED_BACKENDS`` ('reference' and 'cpu' so far; ``backend='auto'`` on a
-    GPU picks 'reference' for them, with a warning; an explicit 'triton' or
+    ``EXTENDED_BACKENDS`` ('reference', 'cpu' and 'triton'; where ``backend='auto'``
+    would pick 'cuda' it picks 'reference' for them, with a warning; an explicit
     'cuda' raises NotImplementedError).
 
     Returns ``(out, stats)``: out (B, H, L, D) in q's dtype and a

@@ -1,6 +1,6 @@
 """key_padding_mask and a memory of m reference images (S = m * L): the reference backend against an
 independent explicit float64 computation, properties that tie them to the unmasked single-image operator,
-and the clear refusal of the kernel backends that do not implement them yet (triton, cuda). The cpu kernels'
+and the clear refusal of the kernel backend that does not implement them yet (cuda). The cpu kernels'
 own property tests against the reference are in test_mask_memory_kernels.py."""
 import math
 import warnings
@@ -141,16 +141,16 @@ def test_bad_masks(mutate, exc, words):
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="cpu backend not built")
-def test_gpu_kernel_backends_refuse_and_auto_picks_an_extended_backend(monkeypatch):
+def test_cuda_backend_refuses_and_auto_picks_an_extended_backend(monkeypatch):
     q, k, v, sigma = make_branch(2, 2, 12, 8, 1, seed=1)
     mask = random_mask(2, 12, 0)
     k2, v2 = k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1)
-    for backend in ("triton", "cuda"):
-        with pytest.raises(NotImplementedError, match=r"key_padding_mask.*\('reference', 'cpu'\)"):
+    for backend in ("cuda",):
+        with pytest.raises(NotImplementedError, match=r"key_padding_mask.*\('reference', 'cpu', 'triton'\)"):
             fk.correlation_attention(q, k, v, sigma, (3, 4), backend=backend, key_padding_mask=mask)
-        with pytest.raises(NotImplementedError, match=r"several images.*\('reference', 'cpu'\)"):
+        with pytest.raises(NotImplementedError, match=r"several images.*\('reference', 'cpu', 'triton'\)"):
             fk.correlation_attention(q, k2, v2, sigma, (3, 4), backend=backend)
-    for kernel in ("triton", "cuda"):  # called directly, the kernels refuse too (never a silent wrong answer)
+    for kernel in ("cuda",):  # called directly, the kernels refuse too (never a silent wrong answer)
         run = pytest.importorskip(f"fod_kernels.backend_{kernel}")
         with pytest.raises(NotImplementedError, match="key_padding_mask"):
             run.fwd([q], [k], [v], [sigma], 3, 4, 0.5, 1e-4, [True], [mask])
@@ -162,7 +162,7 @@ def test_gpu_kernel_backends_refuse_and_auto_picks_an_extended_backend(monkeypat
         out, st_ = fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=mask)
     assert torch.equal(out, fk.correlation_attention(q, k, v, sigma, (3, 4), backend="cpu", key_padding_mask=mask)[0])
     # where auto would pick a kernel without them (a GPU), it uses the reference, with one warning
-    monkeypatch.setattr(F, "resolve_backend_name", lambda backend, device_type: "triton")
+    monkeypatch.setattr(F, "resolve_backend_name", lambda backend, device_type: "cuda")
     F._warned.clear()
     with pytest.warns(RuntimeWarning, match="'auto' uses the materialising 'reference'"):
         out, st_ = fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=mask)
