@@ -3,7 +3,7 @@
 A kernel backend supplies two plain functions over *lists of branches* (one
 branch for ``correlation_attention``, two for the fused ``i2correlation``):
 
-``fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats) -> list[Tensor]``
+``fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks=None) -> list[Tensor]``
     For each branch, six tensors: ``out`` (B,H,L,D, dtype of q), then
     ``lse``, ``kl``, ``ent``, ``r1``, ``r2`` (B,H,L) in the statistics dtype
     (float64 for float64 inputs, else float32). ``kl`` is K = KL(P||T) + KL(T||P),
@@ -12,12 +12,16 @@ branch for ``correlation_attention``, two for the fused ``i2correlation``):
     False the branch returns ``out`` and ``lse`` and four empty tensors
     (``need_stats`` is a list of bools here; the op schema carries it as
     list[int], which torch.jit.trace can record). ``sigma`` is in the
-    statistics dtype: float32 while q, k, v are bfloat16/float16.
+    statistics dtype (float32 while q, k, v are bfloat16/float16), as the caller
+    passed it: the kernels read max(sigma, SIGMA_MIN). k, v hold S = m * L keys
+    (m images on the grid); ``masks[i]`` is branch i's key_padding_mask, (1 or B, S)
+    bool, True = ignore the key, or an empty tensor for none (None: no masks).
 
 ``bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses,
-rows, cols, scale, eps) -> list[Tensor]``
+rows, cols, scale, eps, masks=None) -> list[Tensor]``
     For each branch ``dq, dk, dv, dsigma`` (dk, dv shaped like k, v: summed
-    over the batch when the memory is batch-shared). ``dfull`` is
+    over the batch when the memory is batch-shared; dsigma in sigma's dtype and
+    0 where sigma < SIGMA_MIN, the gradient of the clamp). ``dfull`` is
     <g_out, out> + g_kl_attn * r1 + g_ent * r2, precomputed here.
 
 ``make_kernel_op`` registers them as ``torch.library.custom_op``s with fake
@@ -84,12 +88,39 @@ def _refused(name: str, what: str) -> RuntimeError:
                         f"backend, which supports it")
 
 
+def _no_mask(q: torch.Tensor) -> torch.Tensor:
+    """The op's stand-in for "no key_padding_mask": an empty bool tensor (the schema has no optional lists)."""
+    return torch.empty((0,), dtype=torch.bool, device=q.device)
+
+
+def _masks_or_none(masks):
+    return [m if m.numel() else None for m in masks]
+
+
+def _fold_mask(m, d, V, B):
+    """A (1 or B, S) mask under vmap: folded like the batch; an unbatched shared (1, S) mask or no mask stays."""
+    if d is None and (m.numel() == 0 or m.shape[0] == 1):
+        return m
+    return _fold(m, d, V, B)
+
+
+def refuse_extended(backend: str, qs, ks, masks) -> None:
+    """For kernels without key_padding_mask and S = m * L yet: a clear error, never a silent wrong answer."""
+    what = (["key_padding_mask"] if masks and any(m is not None for m in masks) else []) + \
+        (["a memory of several images (S = m * L)"] if any(k.shape[2] != q.shape[2] for q, k in zip(qs, ks)) else [])
+    if what:
+        from .functional import EXTENDED_BACKENDS
+        raise NotImplementedError(f"{' and '.join(what)} is not implemented by the {backend!r} backend yet; the "
+                                  f"backends that support it: {EXTENDED_BACKENDS}")
+
+
 def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     """Register ``fod_kernels::<name>_fwd`` and ``<name>_bwd``; returns ``run``.
 
-    ``run(branches, rows, cols, scale, eps, need_stats)`` takes a list of
-    (q, k, v, sigma) and returns, per branch, (out, kl_attn, kl_prior, entropy)
-    with the gradient routes of spec section 2 (None stats where not needed).
+    ``run(branches, rows, cols, scale, eps, need_stats, masks=None)`` takes a list of
+    (q, k, v, sigma) and, optionally, one key_padding_mask (or None) per branch, and returns,
+    per branch, (out, kl_attn, kl_prior, entropy) with the gradient routes of spec section 2
+    (None stats where not needed).
     """
     sigma_as_input = name in _SIGMA_IN_INPUT_DTYPE
     jvp_msg = "forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad)"
@@ -99,9 +130,9 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     @torch.library.custom_op(f"fod_kernels::{name}_fwd", mutates_args=())
     def fwd_op(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],
                sigmas: list[torch.Tensor], rows: int, cols: int, scale: float, eps: float,
-               need_stats: list[int]) -> list[torch.Tensor]:
+               need_stats: list[int], masks: list[torch.Tensor]) -> list[torch.Tensor]:
         sig = [s.to(q.dtype) for s, q in zip(sigmas, qs)] if sigma_as_input else sigmas
-        raw = fwd(qs, ks, vs, sig, rows, cols, scale, eps, [bool(x) for x in need_stats])
+        raw = fwd(qs, ks, vs, sig, rows, cols, scale, eps, [bool(x) for x in need_stats], _masks_or_none(masks))
         res = []
         for i, q in enumerate(qs):
             out, lse, kl, ent, r1, r2 = raw[N_FWD * i:N_FWD * (i + 1)]
@@ -111,7 +142,7 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
         return res
 
     @fwd_op.register_fake
-    def _(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+    def _(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks):
         return _fake_fwd(qs, ks, vs, sigmas, need_stats)
 
     @torch.library.custom_op(f"fod_kernels::{name}_bwd", mutates_args=())
@@ -119,24 +150,26 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
                g_ents: list[torch.Tensor], dfulls: list[torch.Tensor], qs: list[torch.Tensor],
                ks: list[torch.Tensor], vs: list[torch.Tensor], sigmas: list[torch.Tensor],
                lses: list[torch.Tensor], rows: int, cols: int, scale: float,
-               eps: float) -> list[torch.Tensor]:
+               eps: float, masks: list[torch.Tensor]) -> list[torch.Tensor]:
         sig = [s.to(q.dtype) for s, q in zip(sigmas, qs)] if sigma_as_input else sigmas
-        res = list(bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sig, lses, rows, cols, scale, eps))
+        res = list(bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sig, lses, rows, cols, scale,
+                       eps, _masks_or_none(masks)))
         like = [t for i in range(len(qs)) for t in (qs[i], ks[i], vs[i], sigmas[i])]
         return [r.to(x.dtype) for r, x in zip(res, like)]  # dsigma in sigma's dtype (float32 with bf16 q)
 
     @bwd_op.register_fake
-    def _(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    def _(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps, masks):
         res = []
         for q, k, v, s in zip(qs, ks, vs, sigmas):
             res += [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), s.new_empty(s.shape)]
         return res
 
     @fwd_op.register_vmap
-    def _(info, in_dims, qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+    def _(info, in_dims, qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks):
         V = info.batch_size
         dq, dk, dv, ds = in_dims[:4]
-        fq, fks, fvs, fs = [], [], [], []
+        dm = in_dims[9]
+        fq, fks, fvs, fs, fm = [], [], [], [], []
         for i, q in enumerate(qs):
             B = _front(q, dq[i], V).shape[1]
             fq.append(_fold(q, dq[i], V, B))
@@ -144,17 +177,19 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
             shared = dk[i] is None and dv[i] is None and ks[i].shape[0] == 1  # an unbatched memory stays shared
             fks.append(ks[i] if shared else _fold(ks[i], dk[i], V, B))
             fvs.append(vs[i] if shared else _fold(vs[i], dv[i], V, B))
-        res = fwd_op(fq, fks, fvs, fs, rows, cols, scale, eps, need_stats)
+            fm.append(_fold_mask(masks[i], dm[i], V, B))
+        res = fwd_op(fq, fks, fvs, fs, rows, cols, scale, eps, need_stats, fm)
         return [_unfold(r, V) if r.dim() > 1 else r for r in res], [0 if r.dim() > 1 else None for r in res]
 
     @bwd_op.register_vmap
     def _(info, in_dims, g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols,
-          scale, eps):
+          scale, eps, masks):
         V = info.batch_size
         lists = (g_outs, g_kl_attn, g_kl_prior, g_ents, dfulls, qs, ks, vs, sigmas, lses)
         Bs = [_front(q, in_dims[5][i], V).shape[1] for i, q in enumerate(qs)]
         folded = [[_fold(t, d, V, B) for t, d, B in zip(ts, ds, Bs)] for ts, ds in zip(lists, in_dims[:10])]
-        res = bwd_op(*folded, rows, cols, scale, eps)
+        fm = [_fold_mask(m, d, V, B) for m, d, B in zip(masks, in_dims[14], Bs)]
+        res = bwd_op(*folded, rows, cols, scale, eps, fm)
         out = []
         for i in range(len(qs)):
             dq, dk, dv, dsig = (_unfold(r, V) for r in res[N_BWD * i:N_BWD * (i + 1)])
@@ -165,13 +200,14 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
 
     def save(ctx, n, rows, cols, scale, eps, need_stats, tensors, output):
         lses, r1s, r2s = output[4::N_OUT], output[5::N_OUT], output[6::N_OUT]
-        ctx.save_for_backward(*tensors, *output[0::N_OUT], *lses, *r1s, *r2s)
+        ctx.save_for_backward(*tensors, *output[0::N_OUT], *lses, *r1s, *r2s)  # tensors: q, k, v, sigma, mask
         ctx.meta = (n, rows, cols, scale, eps, need_stats)
 
     def backward_args(ctx, grads):
-        """The flat argument list of the _bwd op: upstream gradients (zeros for unused outputs), dfull, inputs, lse."""
+        """The flat argument list of the _bwd op: upstream gradients (zeros for unused outputs), dfull, inputs,
+        lse; then the masks."""
         n, rows, cols, scale, eps, need_stats = ctx.meta
-        qs, ks, vs, sigmas, outs, lses, r1s, r2s = _split(ctx.saved_tensors, n, 8)
+        qs, ks, vs, sigmas, masks, outs, lses, r1s, r2s = _split(ctx.saved_tensors, n, 9)
         g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls = [], [], [], [], []
         for i in range(n):
             g_out, g_kl_attn, g_kl_prior, g_ent = grads[N_OUT * i:N_OUT * i + 4]
@@ -190,7 +226,7 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
             g_kl_priors.append(g_kl_prior)
             g_ents.append(g_ent)
             dfulls.append(dfull.contiguous())
-        return [*g_outs, *g_kl_attns, *g_kl_priors, *g_ents, *dfulls, *qs, *ks, *vs, *sigmas, *lses]
+        return [*g_outs, *g_kl_attns, *g_kl_priors, *g_ents, *dfulls, *qs, *ks, *vs, *sigmas, *lses, *masks]
 
     # Eager: two autograd.Functions with setup_context (torch.func sees them), refusing what the kernels lack.
     class Backward(torch.autograd.Function):
@@ -199,7 +235,8 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
 
         @staticmethod
         def forward(n, rows, cols, scale, eps, *tensors):
-            return tuple(bwd_op(*_split(tensors, n, 10), rows, cols, scale, eps))
+            *groups, masks = _split(tensors, n, 11)
+            return tuple(bwd_op(*groups, rows, cols, scale, eps, masks))
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -218,7 +255,7 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
 
         @staticmethod
         def forward(n, rows, cols, scale, eps, need_stats, *tensors):
-            return tuple(fwd_op(*_split(tensors, n, 4), rows, cols, scale, eps, need_stats))
+            return tuple(fwd_op(*_split(tensors, n, 4), rows, cols, scale, eps, need_stats, list(tensors[4 * n:])))
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -231,7 +268,7 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
         def backward(ctx, *grads):
             n, rows, cols, scale, eps, _ = ctx.meta
             res = Backward.apply(n, rows, cols, scale, eps, *backward_args(ctx, grads))
-            return (None,) * 6 + tuple(res[N_BWD * i + j] for j in range(N_BWD) for i in range(n))
+            return (None,) * 6 + tuple(res[N_BWD * i + j] for j in range(N_BWD) for i in range(n)) + (None,) * n
 
         @staticmethod
         def jvp(ctx, *tangents):
@@ -240,23 +277,25 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     # torch.compile (Dynamo refuses an autograd.Function with a jvp) and torch.jit.trace (which would record the
     # autograd.Function as an unsaveable Python call): the op's own autograd formula.
     def op_setup_context(ctx, inputs, output):
-        qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats = inputs
-        save(ctx, len(qs), rows, cols, scale, eps, list(need_stats), [*qs, *ks, *vs, *sigmas], output)
+        qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks = inputs
+        save(ctx, len(qs), rows, cols, scale, eps, list(need_stats), [*qs, *ks, *vs, *sigmas, *masks], output)
 
     def op_backward(ctx, grads):
         n, rows, cols, scale, eps, _ = ctx.meta
-        res = bwd_op(*_split(backward_args(ctx, grads), n, 10), rows, cols, scale, eps)
-        return res[0::N_BWD], res[1::N_BWD], res[2::N_BWD], res[3::N_BWD], None, None, None, None, None
+        *groups, masks = _split(backward_args(ctx, grads), n, 11)
+        res = bwd_op(*groups, rows, cols, scale, eps, masks)
+        return res[0::N_BWD], res[1::N_BWD], res[2::N_BWD], res[3::N_BWD], None, None, None, None, None, [None] * n
 
     fwd_op.register_autograd(op_backward, setup_context=op_setup_context)
 
-    def run(branches, rows, cols, scale, eps, need_stats):
+    def run(branches, rows, cols, scale, eps, need_stats, masks=None):
         qs, ks, vs, sigmas = ([b[j] for b in branches] for j in range(4))  # no copies: each backend decides
+        masks = [_no_mask(q) if m is None else m for q, m in zip(qs, masks or [None] * len(qs))]
         args = (int(rows), int(cols), float(scale), float(eps), [int(bool(x)) for x in need_stats])
         if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the op itself, with its autograd formula
-            res = fwd_op(qs, ks, vs, sigmas, *args)
+            res = fwd_op(qs, ks, vs, sigmas, *args, masks)
         else:
-            res = Forward.apply(len(branches), *args, *qs, *ks, *vs, *sigmas)
+            res = Forward.apply(len(branches), *args, *qs, *ks, *vs, *sigmas, *masks)
         outs = []
         for i, need in enumerate(need_stats):
             out, kl_attn, kl_prior, ent = res[N_OUT * i:N_OUT * i + 4]

@@ -32,23 +32,33 @@ def _compute_dtype(dtype):
     return dtype if dtype in NATIVE else torch.float32
 
 
-def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+def _masks(masks, qs):
+    """The extension's masks: contiguous bool (1 or B, S), or an empty tensor for none."""
+    masks = masks or [None] * len(qs)
+    return [torch.empty((0,), dtype=torch.bool) if m is None else m.contiguous() for m in masks]
+
+
+def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks=None):
     dt = qs[0].dtype
     cd = _compute_dtype(dt)
     cast = lambda ts: [t.to(cd).contiguous() for t in ts]  # noqa: E731
-    res = _ext_mod().forward(cast(qs), cast(ks), cast(vs), cast(sigmas), rows, cols, scale, eps, list(need_stats))
+    res = _ext_mod().forward(cast(qs), cast(ks), cast(vs), cast(sigmas), rows, cols, scale, eps, list(need_stats),
+                             _masks(masks, qs))
     if cd != dt:
         res = [r.to(dt) if i % 6 == 0 else r for i, r in enumerate(res)]
     return res
 
 
-def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps,
+        masks=None):
     dt = qs[0].dtype
     cd = _compute_dtype(dt)
     cast = lambda ts: [t.to(cd).contiguous() for t in ts]  # noqa: E731
     res = _ext_mod().backward(cast(g_outs), cast(g_kl_attns), cast(g_kl_priors), cast(g_ents), cast(dfulls), cast(qs),
-                              cast(ks), cast(vs), cast(sigmas), cast(lses), rows, cols, scale, eps)
-    return [r.to(dt) for r in res] if cd != dt else res
+                              cast(ks), cast(vs), cast(sigmas), cast(lses), rows, cols, scale, eps, _masks(masks, qs))
+    if cd != dt:  # dq, dk, dv back to the inputs' dtype; dsigma stays in sigma's (float32), computed there
+        res = [r.to(dt) if i % 4 != 3 else r.to(sigmas[i // 4].dtype) for i, r in enumerate(res)]
+    return res
 
 
 run = make_kernel_op("cpu", fwd, bwd)

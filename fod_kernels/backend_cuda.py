@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._custom_op import make_kernel_op
+from ._custom_op import make_kernel_op, refuse_extended
 
 
 def status():
@@ -38,12 +38,15 @@ def _inner(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks=None):
+    refuse_extended("cuda", qs, ks, masks)
     qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
     return _ext_mod().forward(qs, ks, vs, sigmas, rows, cols, scale, eps, list(need_stats))
 
 
-def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps,
+        masks=None):
+    refuse_extended("cuda", qs, ks, masks)
     g_outs = [_inner(g.to(q.dtype)) for g, q in zip(g_outs, qs)]  # .to: a no-op unless a caller mixes dtypes
     qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
     rowv = lambda ts: [t.float().contiguous() for t in ts]  # noqa: E731  (B, H, L) float32 row vectors

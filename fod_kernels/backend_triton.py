@@ -172,6 +172,23 @@ def _upcast(dtype):
     return _INTERPRET and dtype == torch.bfloat16
 
 
+def _masks(qs, ks, masks):
+    """(EXT, per-branch (uint8 mask, batch stride)). EXT (any mask, or a memory of S = m * L keys): the
+    kernels' general path, where every branch reads a mask (an all-kept (1, S) one where it has none);
+    otherwise the plain path, and dummies that are never read."""
+    masks = list(masks or [None] * len(qs))
+    if all(m is None for m in masks) and all(k.shape[2] == q.shape[2] for q, k in zip(qs, ks)):
+        dummy = torch.zeros((1,), dtype=torch.uint8, device=qs[0].device)
+        return False, [(dummy, 0)] * len(qs)
+    res = []
+    for k, m in zip(ks, masks):
+        if m is None:
+            m = torch.zeros((1, k.shape[2]), dtype=torch.bool, device=k.device)
+        m = m.contiguous().view(torch.uint8)
+        res.append((m, m.shape[1] if m.shape[0] > 1 else 0))
+    return True, res
+
+
 def _groups(qs, need_stats):
     """Branch indices that can share a launch: equal need_stats and head dim."""
     groups = {}
@@ -185,7 +202,7 @@ def _pair(per_branch, idx):
     return [a for j in (idx[0], idx[-1]) for a in per_branch[j]]
 
 
-def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
+def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks=None):
     qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
     for q in qs:
         _check(q)
@@ -198,15 +215,16 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
         lse = torch.empty((B, H, L), dtype=torch.float32, device=dev)
         res.append([_like(q), lse, stat(), stat(), stat(), stat()])
     dtype = qs[0].dtype
+    ext, mks = _masks(qs, ks, masks)
     ptrs, strides = [], []
     for i, need in enumerate(need_stats):
         out, lse, kl, ent, r1, r2 = res[i]
         if not need:  # statistics pointers are not touched when STATS is off
             kl = ent = r1 = r2 = lse
-        ptrs.append([qs[i], ks[i], vs[i], sigmas[i], out, lse, kl, ent, r1, r2])
+        ptrs.append([qs[i], ks[i], vs[i], sigmas[i], out, lse, kl, ent, r1, r2, mks[i][0]])
         shared = ks[i].shape[0] == 1
         strides.append([*_strides(qs[i]), *_strides(ks[i], shared), *_strides(vs[i], shared), *_strides(sigmas[i]),
-                        *_strides(out)])
+                        *_strides(out), ks[i].shape[2], mks[i][1]])
     with _device_guard(dev):
         for idx in _groups(qs, need_stats):
             need = bool(need_stats[idx[0]])
@@ -215,21 +233,22 @@ def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats):
             grid = (triton.cdiv(L, bm), B * H, len(idx))
             _tk.fwd_kernel[grid](*_pair(ptrs, idx), *_pair(strides, idx), H, L, D, rows, cols, float(scale),
                                  float(eps), STATS=need, EPS_ZERO=need and eps == 0, PREC=_precision(dtype),
-                                 UPCAST=_upcast(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                                 UPCAST=_upcast(dtype), EXT=ext, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                                  BLOCK_G=16 if _INTERPRET else 32, num_warps=warps, num_stages=_stages(dtype))
     return [t for r in res for t in r]
 
 
-def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps,
+        masks=None):
     qs, ks, vs, sigmas, g_outs = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas, g_outs))
     for q in qs:
         _check(q)
     n = len(qs)
     B, H, L, _ = qs[0].shape
     dev = qs[0].device
-    # Per-row float32 inputs of both branches in one buffer: lse, dfull, g_kl_attn, g_kl_prior, g_ent, logZ
-    # (logZ filled below).
-    row = torch.empty((n, 6, B, H, L), dtype=torch.float32, device=dev)
+    # Per-row float32 inputs of both branches in one buffer: lse, dfull, g_kl_attn, g_kl_prior, g_ent, and the
+    # prior's normaliser lz, lmax (filled below by logz_kernel).
+    row = torch.empty((n, 7, B, H, L), dtype=torch.float32, device=dev)
     for i in range(n):
         for j, x in enumerate((lses[i], dfulls[i], g_kl_attns[i], g_kl_priors[i], g_ents[i])):
             row[i, j].copy_(x)
@@ -245,27 +264,33 @@ def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lse
                        s=_strides(sigmas[i]), do=_strides(g_outs[i]), dq=_strides(dqs[i]),
                        dk=_strides(dks[i], shared), dv=_strides(dvs[i], shared), ds=_strides(dss[i])))
     dtype = qs[0].dtype
+    ext, mks = _masks(qs, ks, masks)
+    keys = [(k.shape[2], mk[1]) for k, mk in zip(ks, mks)]  # (S, mask batch stride) per branch
     with _device_guard(dev):
         bm_z = 16 if _INTERPRET else 64
         _tk.logz_kernel[(triton.cdiv(L, bm_z), B * H, n)](
-            sigmas[0], sigmas[-1], row, *st[0]["s"], *st[-1]["s"], H, nrow, L, rows, cols,
-            BLOCK_M=bm_z, BLOCK_G=16 if _INTERPRET else 32, num_warps=4, num_stages=3)
+            sigmas[0], sigmas[-1], mks[0][0], mks[-1][0], row, *st[0]["s"], *st[-1]["s"], *keys[0], *keys[-1], H,
+            nrow, L, rows, cols, EXT=ext, BLOCK_M=bm_z, BLOCK_N=16 if _INTERPRET else 64,
+            BLOCK_G=16 if _INTERPRET else 32, num_warps=4, num_stages=3)
         for idx in _groups(qs, [True] * n):
             D = qs[idx[0]].shape[-1]
             row_g = row[idx[0]:]  # the launch's branch 0 is slot idx[0] of the row buffer
-            common = dict(EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype),
+            common = dict(EPS_ZERO=eps == 0, PREC=_precision(dtype), UPCAST=_upcast(dtype), EXT=ext,
                           num_stages=_stages(dtype))
             bm, bn, bd, warps = _blocks("dkdv", D, dtype)
-            ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dks[j], dvs[j]] for j in range(n)]
-            strides = [[x for key in ("q", "k", "v", "s", "do", "dk", "dv") for x in st[j][key]] for j in range(n)]
+            ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dks[j], dvs[j], mks[j][0]] for j in range(n)]
+            strides = [[x for key in ("q", "k", "v", "s", "do", "dk", "dv") for x in st[j][key]] + list(keys[j])
+                       for j in range(n)]
             bk = [k.shape[0] for k in ks]
             bk_max = max(bk[j] for j in idx)
-            _tk.bwd_dkdv_kernel[(triton.cdiv(L, bn), bk_max * H, len(idx))](
+            s_max = max(keys[j][0] for j in idx)
+            _tk.bwd_dkdv_kernel[(triton.cdiv(s_max, bn), bk_max * H, len(idx))](
                 *_pair(ptrs, idx), row_g, *_pair(strides, idx), bk[idx[0]], bk[idx[-1]], B, H, L, D, rows, cols,
                 float(scale), float(eps), nrow, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **common)
             bm, bn, bd, warps = _blocks("dq", D, dtype)
-            ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dqs[j], dss[j]] for j in range(n)]
-            strides = [[x for key in ("q", "k", "v", "s", "do", "dq", "ds") for x in st[j][key]] for j in range(n)]
+            ptrs = [[qs[j], ks[j], vs[j], sigmas[j], g_outs[j], dqs[j], dss[j], mks[j][0]] for j in range(n)]
+            strides = [[x for key in ("q", "k", "v", "s", "do", "dq", "ds") for x in st[j][key]] + list(keys[j])
+                       for j in range(n)]
             _tk.bwd_dq_kernel[(triton.cdiv(L, bm), B * H, len(idx))](
                 *_pair(ptrs, idx), row_g, *_pair(strides, idx), H, L, D, rows, cols, float(scale), float(eps), nrow,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **common)

@@ -13,8 +13,8 @@ from ._custom_op import stats_dtype
 from ._validate import check_branch, check_finite_result, check_scalars, scans_enabled
 from .reference import correlation_reference
 
-# Backends that take a key_padding_mask and a memory of several images (S = m * L); the kernels follow later.
-EXTENDED_BACKENDS = ("reference",)
+# Backends that take a key_padding_mask and a memory of several images (S = m * L); the CUDA kernels follow later.
+EXTENDED_BACKENDS = ("reference", "cpu", "triton")
 
 
 class CorrelationStats(NamedTuple):
@@ -37,6 +37,13 @@ def _unbroadcast(k: torch.Tensor) -> torch.Tensor:
     return k
 
 
+def _unbroadcast_mask(m: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # A (1, S) mask expanded to (B, S) (stride 0) is a batch-shared mask: use it as (1, S).
+    if m is not None and m.shape[0] > 1 and m.stride(0) == 0:
+        return m[:1]
+    return m
+
+
 _warned: set = set()
 
 
@@ -46,11 +53,14 @@ def _pick_backend(backend: str, device_type: str, extended: list[str]) -> str:
         return resolve_backend_name(backend, device_type)
     what = " and ".join(extended)
     if backend == "auto":
+        name = resolve_backend_name(backend, device_type)
+        if name in EXTENDED_BACKENDS:
+            return name
         if what not in _warned and not torch.compiler.is_compiling() and os.environ.get("FOD_KERNELS_QUIET") != "1":
             _warned.add(what)
             warnings.warn(f"fod_kernels: {what} is implemented so far only by the backends {EXTENDED_BACKENDS}; "
-                          f"'auto' uses the materialising 'reference' backend for such calls", RuntimeWarning,
-                          stacklevel=4)
+                          f"'auto' uses the materialising 'reference' backend for such calls on {device_type}",
+                          RuntimeWarning, stacklevel=4)
         return "reference"
     if backend not in BACKENDS:
         return resolve_backend_name(backend, device_type)  # raises the unknown-backend error
@@ -114,7 +124,7 @@ def _run(branches, masks, grid, scale, eps, backend, need_stats, check_values):
         results = [correlation_reference(*br, (rows, cols), scale=scale, eps=eps, key_padding_mask=m)
                    for br, m in zip(fixed, masks)]
     else:
-        results = get_runner(name)(fixed, rows, cols, scale, eps, need_stats)
+        results = get_runner(name)(fixed, rows, cols, scale, eps, need_stats, [_unbroadcast_mask(m) for m in masks])
     res = []
     for (out, kla, klp, ent), need, bname in zip(results, need_stats, names):
         if scans_enabled(check_values):
@@ -152,8 +162,11 @@ def correlation_attention(q, k, v, sigma, grid, *, scale: Optional[float] = None
     ``key_padding_mask`` (1 or B, S), bool, True = ignore the key (as in
     ``nn.MultiheadAttention``): masked keys are left out of both softmaxes
     (p_ij = t_ij = 0, the prior renormalised over the unmasked keys) and of K
-    and E; every row must keep a key. The mask and S != L run on the
-    'reference' backend only so far (``backend='auto'`` picks it, with a warning).
+    and E; every row must keep a key (``check_values`` raises otherwise; without
+    the check such a row is NaN). The mask and S != L run on the backends in
+    ``EXTENDED_BACKENDS`` ('reference', 'cpu' and 'triton'; where ``backend='auto'``
+    would pick 'cuda' it picks 'reference' for them, with a warning; an explicit
+    'cuda' raises NotImplementedError).
 
     Returns ``(out, stats)``: out (B, H, L, D) in q's dtype and a
     :class:`CorrelationStats` of (B, H, L) tensors in float32 (float64 for

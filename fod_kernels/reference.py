@@ -3,9 +3,9 @@
 It materialises the (L, S) matrices and lets PyTorch's autograd do the
 backward. It is the oracle that every kernel backend is tested against, so it
 follows the specification to the letter, eps inside the logs included. Any
-floating dtype works; the tests run it in float64. It is also the only backend
-so far that takes a ``key_padding_mask`` and a memory of several images
-(S = m * L); its formulation of both is the definition the kernels follow.
+floating dtype works; the tests run it in float64. Its formulation of the
+``key_padding_mask`` and of a memory of several images (S = m * L) is the
+definition the kernels follow.
 """
 from __future__ import annotations
 

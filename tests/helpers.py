@@ -138,18 +138,24 @@ def check_backend(backend, branch, grid, eps, *, dtype=torch.float32, scale=None
     return got, ref64
 
 
-def opcheck_strided(run, B=2, H=2, grid=(3, 5), D=16, dtype=torch.float32, device="cpu"):
+def opcheck_strided(run, B=2, H=2, grid=(3, 5), D=16, dtype=torch.float32, device="cpu", masked=False):
     """torch.library.opcheck of a kernel backend's forward and backward ops on (B, L, H, D)-strided inputs
     (a batch-shared and a per-image branch): schema, autograd registration, and that the fake (meta)
-    implementation's shapes, dtypes and strides match the real outputs, which torch.compile relies on."""
+    implementation's shapes, dtypes and strides match the real outputs, which torch.compile relies on.
+    masked: the per-image branch with a (B, L) key_padding_mask and the shared one with (1, L) (backends
+    that implement masks); otherwise the ops' "no mask" (empty tensors)."""
     L = grid[0] * grid[1]
+    if masked:
+        masks = [torch.arange(L, device=device).repeat(n, 1) % (2 + i) == 1 for i, n in enumerate((B, 1))]
+    else:
+        masks = [torch.empty((0,), dtype=torch.bool, device=device)] * 2
     bhld = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
     brs = [[bhld(t) for t in make_branch(B, H, L, D, bk, dtype=dtype, device=device, seed=bk)] for bk in (B, 1)]
     qs, ks, vs, sigmas = ([br[j] for br in brs] for j in range(4))
-    fwd_args = (qs, ks, vs, sigmas, *grid, D ** -0.5, 1e-4, [True, False])
+    fwd_args = (qs, ks, vs, sigmas, *grid, D ** -0.5, 1e-4, [True, False], masks)
     torch.library.opcheck(run.fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
     g = torch.Generator().manual_seed(0)
     rowv = lambda: [torch.randn(B, H, L, generator=g).to(device) for _ in brs]  # noqa: E731
     g_outs = [bhld(torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dtype)) for _ in brs]
-    bwd_args = (g_outs, rowv(), rowv(), rowv(), rowv(), qs, ks, vs, sigmas, rowv(), *grid, D ** -0.5, 1e-4)
+    bwd_args = (g_outs, rowv(), rowv(), rowv(), rowv(), qs, ks, vs, sigmas, rowv(), *grid, D ** -0.5, 1e-4, masks)
     torch.library.opcheck(run.bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))

@@ -143,3 +143,4 @@ def test_strided_inputs_and_opcheck():
     for n in a:
         assert torch.equal(a[n], b[n]), n
     opcheck_strided(backend_cpu.run)
+    opcheck_strided(backend_cpu.run, masked=True)

@@ -88,10 +88,11 @@ def _load_sim(name, source, flags=("-O1",)):
 
 
 def _sim_op(mod, name="cuda_sim"):
-    fwd = lambda qs, ks, vs, sigmas, rows, cols, scale, eps, need: mod.forward(  # noqa: E731
+    fwd = lambda qs, ks, vs, sigmas, rows, cols, scale, eps, need, masks=None: mod.forward(  # noqa: E731
         qs, ks, vs, sigmas, rows, cols, scale, eps, list(need))
 
-    def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps):
+    def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps,
+            masks=None):
         return mod.backward(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols,
                             scale, eps)
 

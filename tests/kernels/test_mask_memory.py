@@ -1,6 +1,7 @@
 """key_padding_mask and a memory of m reference images (S = m * L): the reference backend against an
 independent explicit float64 computation, properties that tie them to the unmasked single-image operator,
-and the clear refusal of the kernel backends (which do not implement them yet)."""
+and the clear refusal of the kernel backend that does not implement them yet (cuda). The cpu kernels'
+own property tests against the reference are in test_mask_memory_kernels.py."""
 import math
 import warnings
 
@@ -140,15 +141,28 @@ def test_bad_masks(mutate, exc, words):
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="cpu backend not built")
-def test_kernel_backends_refuse_and_auto_picks_the_reference_with_a_warning():
+def test_cuda_backend_refuses_and_auto_picks_an_extended_backend(monkeypatch):
     q, k, v, sigma = make_branch(2, 2, 12, 8, 1, seed=1)
     mask = random_mask(2, 12, 0)
     k2, v2 = k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1)
-    for backend in ("cpu", "triton", "cuda"):
-        with pytest.raises(NotImplementedError, match=r"key_padding_mask.*\('reference',\)"):
+    for backend in ("cuda",):
+        with pytest.raises(NotImplementedError, match=r"key_padding_mask.*\('reference', 'cpu', 'triton'\)"):
             fk.correlation_attention(q, k, v, sigma, (3, 4), backend=backend, key_padding_mask=mask)
-        with pytest.raises(NotImplementedError, match=r"several images.*\('reference',\)"):
+        with pytest.raises(NotImplementedError, match=r"several images.*\('reference', 'cpu', 'triton'\)"):
             fk.correlation_attention(q, k2, v2, sigma, (3, 4), backend=backend)
+    for kernel in ("cuda",):  # called directly, the kernels refuse too (never a silent wrong answer)
+        run = pytest.importorskip(f"fod_kernels.backend_{kernel}")
+        with pytest.raises(NotImplementedError, match="key_padding_mask"):
+            run.fwd([q], [k], [v], [sigma], 3, 4, 0.5, 1e-4, [True], [mask])
+        with pytest.raises(NotImplementedError, match="several images"):
+            row = [q[..., 0]]
+            run.bwd([q], row, row, row, row, [q], [k2], [v2], [sigma], row, 3, 4, 0.5, 1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the CPU, auto takes the cpu kernels, which implement both
+        out, st_ = fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=mask)
+    assert torch.equal(out, fk.correlation_attention(q, k, v, sigma, (3, 4), backend="cpu", key_padding_mask=mask)[0])
+    # where auto would pick a kernel without them (a GPU), it uses the reference, with one warning
+    monkeypatch.setattr(F, "resolve_backend_name", lambda backend, device_type: "cuda")
     F._warned.clear()
     with pytest.warns(RuntimeWarning, match="'auto' uses the materialising 'reference'"):
         out, st_ = fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=mask)
@@ -158,5 +172,3 @@ def test_kernel_backends_refuse_and_auto_picks_the_reference_with_a_warning():
     want = correlation_reference(q, k, v, sigma, (3, 4), key_padding_mask=mask)
     torch.testing.assert_close(out, want[0])
     torch.testing.assert_close(st_.kl_attn, want[1])
-    out, _ = fk.correlation_attention(q, k, v, sigma, (3, 4))  # without a mask, auto stays on the kernel
-    assert torch.equal(out, fk.correlation_attention(q, k, v, sigma, (3, 4), backend="cpu")[0])

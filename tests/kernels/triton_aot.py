@@ -40,7 +40,7 @@ class Variant:
 
     def label(self) -> str:
         c = dict(self.constexprs)
-        keep = ("STATS", "EPS_ZERO", "PREC", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+        keep = ("STATS", "EPS_ZERO", "PREC", "EXT", "BLOCK_M", "BLOCK_N", "BLOCK_D")
         ptr = next(t for n, t in self.signature if n.startswith("Q") or n.startswith("SG"))
         return (f"{self.kernel} {ptr[1:]} " + " ".join(f"{k}={c[k]}" for k in keep if k in c)
                 + f" warps={self.num_warps} stages={self.num_stages}")
@@ -55,10 +55,11 @@ def _cases():
             for eps in (1e-4, 0.0):
                 for need in ((True, True), (False, False)):
                     for shared in ((False, True), (True,)):
-                        yield dtype, prec, D, eps, need[:len(shared)], shared, False
+                        for ext in (False, True):  # ext: key_padding_masks and a memory of 2 images
+                            yield dtype, prec, D, eps, need[:len(shared)], shared, False, ext
     # Head dim 1, the intra branch a (B, L, H, 1)-strided view, the inter one contiguous: some strides are 1
     # (compile-time constants) in one branch only, which the kernels' branch selection must join.
-    yield torch.float32, "ieee", 1, 1e-4, (True, True), (False, True), True
+    yield torch.float32, "ieee", 1, 1e-4, (True, True), (False, True), True, False
 
 
 def launch_variants(cases=None) -> list[Variant]:
@@ -106,7 +107,7 @@ def launch_variants(cases=None) -> list[Variant]:
         for n, fn in saved.items():
             setattr(bt._tk, n, Recorder(fn))
         bt.supports_device = lambda device: (True, "")  # CPU tensors stand in; nothing is launched
-        for dtype, prec, D, eps, need, shared, strided in (cases or _cases()):
+        for dtype, prec, D, eps, need, shared, strided, ext in (cases or _cases()):
             bt.set_fp32_precision(prec)
             B, H, rows, cols = 2, 2, 32, 32
             L = rows * cols
@@ -119,11 +120,15 @@ def launch_variants(cases=None) -> list[Variant]:
             qs = [mk(i, B, D) for i in range(len(shared))]
             ks = [mk(i, 1 if sh else B, D) for i, sh in enumerate(shared)]
             vs = [mk(i, 1 if sh else B, D) for i, sh in enumerate(shared)]
+            masks = None
+            if ext:  # the last branch reads 2 images; every branch masked
+                ks[-1], vs[-1] = (torch.cat([t, t], dim=2) for t in (ks[-1], vs[-1]))
+                masks = [torch.zeros(B, k.shape[2], dtype=torch.bool) for k in ks]
             sigmas = [mk(i, B, 2) for i in range(len(shared))]
-            bt.fwd(qs, ks, vs, sigmas, rows, cols, D ** -0.5, eps, list(need))
+            bt.fwd(qs, ks, vs, sigmas, rows, cols, D ** -0.5, eps, list(need), masks)
             rowv = [torch.empty(B, H, L) for _ in shared]
             bt.bwd([mk(i, B, D) for i in range(len(shared))], rowv, rowv, rowv, rowv, qs, ks, vs, sigmas, rowv,
-                   rows, cols, D ** -0.5, eps)
+                   rows, cols, D ** -0.5, eps, masks)
     finally:
         for n, fn in saved.items():
             setattr(bt._tk, n, fn)

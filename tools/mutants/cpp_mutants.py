@@ -26,7 +26,7 @@ class Mutant(NamedTuple):
 MATH = "csrc/i2corr_math.h"
 CPU = "csrc/cpu/i2corr_cpu.cpp"
 GEMM = "csrc/cpu/gemm.h"
-CUDA = "csrc/cuda/i2corr_cuda.cu"
+CUDA = "csrc/cuda/kernels.cuh"  # the kernels (i2corr_cuda.cu holds the host side since the split)
 # The header is compiled into the CPU extension and, identically (host path), into the CUDA simulation; its
 # mutants run the CPU tests (and the ulp tests), not the simulation's long compile: a header mutant that the CPU
 # tests miss reaches the simulation's kernels through the same functions.
@@ -60,8 +60,8 @@ MUTANTS = [
                     "0.255 (simulation flags)"),
     Mutant("drop-eps", MATH, "T pp = p + eps, tt = t + eps;", "T pp = p + eps, tt = t;", "cpu", HDR,
            "eps dropped from log(t + eps) (the issue's example)"),
-    Mutant("dsigma-sign", MATH, "return b * (sum_tw_d2 - W * sum_t_d2) / (s * s * s);",
-           "return b * (sum_tw_d2 + W * sum_t_d2) / (s * s * s);", "cpu", HDR,
+    Mutant("dsigma-sign", MATH, "return g_kl_prior * (sum_tw_d2 - W * sum_t_d2) / (s * s * s);",
+           "return g_kl_prior * (sum_tw_d2 + W * sum_t_d2) / (s * s * s);", "cpu", HDR,
            "flipped sign in dsigma (the issue's example)"),
     Mutant("r2-sign", MATH, "return -p * (g.lp + g.pe);", "return -p * (g.lp - g.pe);", "cpu", HDR,
            "R2 (entropy row term) sign of p/(p+eps)"),
@@ -77,19 +77,19 @@ MUTANTS = [
            "forward: off-by-one in the partial query block (its last row is never computed)"),
     Mutant("cpu-shared-k", CPU, "const int64_t kb = br.Bk == 1 ? 0 : b;", "const int64_t kb = 0;", "cpu",
            CPUG, "forward: every batch element attends to batch 0's keys"),
-    Mutant("cpu-grid-axes", CPU, "    ry = T(i / cols);\n    cx = T(i % cols);",
-           "    ry = T(i % cols);\n    cx = T(i / cols);", "cpu", CPUG,
-           "prior: swapped grid axes (row/column of the query)"),
-    Mutant("cpu-dsigma-axes", CPU, "dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sx);",
-           "dsig[2 * x + 1] = i2c::dsigma_axis<T>(Bp[x], Sx, W, pr.sum_t_dx2, sy);", "cpu", CPUG,
+    Mutant("cpu-grid-axes", CPU, "int64_t n_img) {\n    ry = T(i / cols);\n    cx = T(i % cols);",
+           "int64_t n_img) {\n    ry = T(i % cols);\n    cx = T(i / cols);", "cpu", CPUG,
+           "prior (unmasked rows): swapped grid axes (row/column of the query)"),
+    Mutant("cpu-dsigma-axes", CPU, "i2c::dsigma_axis<T>(g_kl_prior[x], Sx, W, Stx, sx));",
+           "i2c::dsigma_axis<T>(g_kl_prior[x], Sx, W, Stx, sy));", "cpu", CPUG,
            "dsigma_x divided by sigma_y^3"),
     Mutant("cpu-ds-scale", CPU, "dsrow[j] = scale * i2c::ds_elem<T>", "dsrow[j] = i2c::ds_elem<T>", "cpu",
            CPUG, "backward: score scale dropped from ds (dq, dk off by 1/sqrt(D))"),
-    Mutant("cpu-rowmax", CPU, "for (int64_t j = 0; j < L; ++j) m = std::max(m, srow[j]);",
-           "for (int64_t j = 0; j < L - 1; ++j) m = std::max(m, srow[j]);", "cpu", CPUG,
+    Mutant("cpu-rowmax", CPU, "for (int64_t j = 0; j < S; ++j) m = std::max(m, srow[j]);",
+           "for (int64_t j = 0; j < S - 1; ++j) m = std::max(m, srow[j]);", "cpu", CPUG,
            "forward: the softmax shift ignores the last key"),
-    Mutant("cpu-eps-branch", CPU, "      if (eps > T(0))\n        row_stats<T, true>",
-           "      if (eps >= T(0))\n        row_stats<T, true>", "cpu", CPUG,
+    Mutant("cpu-eps-branch", CPU, "        if (eps > T(0))\n          row_stats<T, true>",
+           "        if (eps >= T(0))\n          row_stats<T, true>", "cpu", CPUG,
            "forward: eps = 0 takes the eps path (log(p + 0) instead of the exact log-softmax)"),
     Mutant("gemm-no-acc", GEMM, "for (int dd = 0; dd < NJ; ++dd) acc[r][dd] = C[(j + r) * Dp + d0 + dd];",
            "for (int dd = 0; dd < NJ; ++dd) acc[r][dd] = 0;", "cpu", CPUG,
@@ -115,7 +115,9 @@ MUTANTS = [
            "none", ("sim",), "dkdv: scale dropped from dk"),
     Mutant("cuda-sty-axis", CUDA, "sty[a] += e.t * dy2;", "sty[a] += e.t * dx2;", "none", ("sim",),
            "dq kernel: sum t dy^2 accumulates dx^2"),
-    Mutant("cuda-v-tile", CUDA, "    load_tile<T, DMAX, BN>(KVs, v, j0, L, D);\n    __syncthreads();\n#pragma unroll 4",
-           "    load_tile<T, DMAX, BN>(KVs, k, j0, L, D);\n    __syncthreads();\n#pragma unroll 4", "none", ("sim",),
+    Mutant("cuda-v-tile", CUDA,
+           "    load_tile<T, DMAX, BN>(KVs, v, Bp.sv.l, j0, L, D);\n    __syncthreads();\n#pragma unroll 4",
+           "    load_tile<T, DMAX, BN>(KVs, k, Bp.sk.l, j0, L, D);\n    __syncthreads();\n#pragma unroll 4", "none",
+           ("sim",),
            "forward: out = P K instead of P V"),
 ]
