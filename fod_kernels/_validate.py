@@ -78,14 +78,15 @@ def check_branch(q, k, v, sigma, grid, *, name: str = "", check_values: bool = T
     n_cells = rows * cols
     if L != n_cells and H == n_cells:
         raise ValueError(f"{pre}q has shape {tuple(q.shape)}: it looks like the (B, L, H, D) layout (the grid "
-                         f"{(rows, cols)} has {n_cells} tokens, q's dimension 1 has {H}); the operator takes heads-first "
-                         f"(B, H, L, D) tensors like scaled_dot_product_attention: pass q.transpose(1, 2) "
+                         f"{(rows, cols)} has {n_cells} tokens, q's dimension 1 has {H}); the operator takes "
+                         f"heads-first (B, H, L, D) tensors like scaled_dot_product_attention: pass q.transpose(1, 2) "
                          f"(and the same for k, v, sigma)")
     if L != n_cells:
         raise ValueError(f"{pre}grid (rows, cols) = {(rows, cols)} has {n_cells} cells but q has L={L} tokens "
                          f"({ROW_MAJOR})")
     if Hk != H or Dk != D:
-        raise ValueError(f"{pre}k must have shape (1 or {B}, {H}, S, {D}) like q {tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(f"{pre}k must have shape (1 or {B}, {H}, S, {D}) like q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
     if Bk != 1 and Bk != B:
         raise ValueError(f"{pre}k batch must be 1 (shared memory) or B={B}, got {Bk}")
     if tuple(v.shape) != tuple(k.shape):

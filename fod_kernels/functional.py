@@ -105,7 +105,8 @@ def _run(branches, masks, grid, scale, eps, backend, need_stats, check_values):
             raise TypeError(f"intra and inter branches must share device and dtype, got "
                             f"{q0.device}/{q0.dtype} and {q1.device}/{q1.dtype}")
         if q0.shape[:3] != q1.shape[:3]:
-            raise ValueError(f"intra and inter queries must share (B, H, L), got {tuple(q0.shape)} and {tuple(q1.shape)}")
+            raise ValueError(f"intra and inter queries must share (B, H, L), got {tuple(q0.shape)} and "
+                             f"{tuple(q1.shape)}")
     if any(need_stats) and _reentrant_checkpoint_forward():
         raise RuntimeError(
             "fod_kernels: statistics requested inside torch.utils.checkpoint(..., use_reentrant=True). Reentrant "
