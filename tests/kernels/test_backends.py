@@ -52,6 +52,13 @@ def test_readme_table_renders_every_backend():
     assert "| cuda: 2 |" in lines[2 + fk.BACKENDS.index("triton")]
 
 
+def test_readme_carries_the_generated_table():
+    """The README's backend table is backend_table_markdown()'s output, verbatim (regenerate it when the table
+    changes)."""
+    readme = (ROOT / "README.md").read_text()
+    assert _backends.backend_table_markdown().rstrip("\n") in readme
+
+
 def test_one_list_of_extension_sources():
     """setup.py and the JIT build read the sources from _build_flags.EXTENSIONS; setup.py names none itself."""
     assert _ext.EXTENSIONS is _build_flags.EXTENSIONS
