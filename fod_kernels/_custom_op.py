@@ -46,8 +46,6 @@ import torch
 N_FWD = 6  # out, lse, kl, ent, r1, r2 per branch (kernel side)
 N_OUT = 7  # out, kl_attn, kl_prior, ent, lse, r1, r2 per branch (op side)
 N_BWD = 4  # dq, dk, dv, dsigma per branch
-# Backends whose kernels still read sigma in q's dtype (the kernel work will make them take float32 sigma).
-_SIGMA_IN_INPUT_DTYPE = ("cuda",)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,7 +120,6 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     per branch, (out, kl_attn, kl_prior, entropy) with the gradient routes of spec section 2
     (None stats where not needed).
     """
-    sigma_as_input = name in _SIGMA_IN_INPUT_DTYPE
     jvp_msg = "forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad)"
     dbl_msg = ("double backward (a gradient of a gradient: create_graph=True then backward again, "
                "torch.func.grad of grad, hessian)")
@@ -131,8 +128,7 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     def fwd_op(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],
                sigmas: list[torch.Tensor], rows: int, cols: int, scale: float, eps: float,
                need_stats: list[int], masks: list[torch.Tensor]) -> list[torch.Tensor]:
-        sig = [s.to(q.dtype) for s, q in zip(sigmas, qs)] if sigma_as_input else sigmas
-        raw = fwd(qs, ks, vs, sig, rows, cols, scale, eps, [bool(x) for x in need_stats], _masks_or_none(masks))
+        raw = fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, [bool(x) for x in need_stats], _masks_or_none(masks))
         res = []
         for i, q in enumerate(qs):
             out, lse, kl, ent, r1, r2 = raw[N_FWD * i:N_FWD * (i + 1)]
@@ -151,8 +147,7 @@ def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
                ks: list[torch.Tensor], vs: list[torch.Tensor], sigmas: list[torch.Tensor],
                lses: list[torch.Tensor], rows: int, cols: int, scale: float,
                eps: float, masks: list[torch.Tensor]) -> list[torch.Tensor]:
-        sig = [s.to(q.dtype) for s, q in zip(sigmas, qs)] if sigma_as_input else sigmas
-        res = list(bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sig, lses, rows, cols, scale,
+        res = list(bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale,
                        eps, _masks_or_none(masks)))
         like = [t for i in range(len(qs)) for t in (qs[i], ks[i], vs[i], sigmas[i])]
         return [r.to(x.dtype) for r, x in zip(res, like)]  # dsigma in sigma's dtype (float32 with bf16 q)

@@ -65,9 +65,11 @@ int check_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   check_tensor(v, "v", q0);
   check_tensor(s, "sigma", q0);
   check_dtype(q);
-  for (const auto* t : {&k, &v, &s})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), kName, ": q, k, v, sigma must share a dtype, got ",
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), kName, ": q, k, v must share a dtype, got ",
                 q.scalar_type(), " and ", t->scalar_type());
+  TORCH_CHECK(s.scalar_type() == at::kFloat, kName, ": sigma must be float32 (the prior is computed in float32, ",
+              "whatever q's dtype), got ", s.scalar_type());
   TORCH_CHECK(q.scalar_type() == q0.scalar_type(), kName, ": the branches differ in dtype (", q0.scalar_type(),
               " and ", q.scalar_type(), ")");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && s.dim() == 4, kName,
@@ -116,7 +118,7 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
     Z.rows = rows;
     Z.cols = cols;
     for (int i = 0; i < n; ++i) {
-      Z.sigma[i] = gmem<const T>(sigmas[i]);
+      Z.sigma[i] = gmem<const float>(sigmas[i]);
       Z.ss[i] = strides(sigmas[i]);
       Z.logz[i] = gmem<float>(logz[i]);
     }
@@ -135,7 +137,7 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
     b.q = gmem<const T>(qs[i]);
     b.k = gmem<const T>(ks[i]);
     b.v = gmem<const T>(vs[i]);
-    b.sigma = gmem<const T>(sigmas[i]);
+    b.sigma = gmem<const float>(sigmas[i]);
     b.logz = gmem<const float>(logz[i]);
     b.out = gmem<T>(res[6 * i]);
     b.lse = gmem<float>(res[6 * i + 1]);
@@ -176,7 +178,7 @@ void backward_impl(const std::vector<at::Tensor>& g_outs, const std::vector<at::
   Z.rows = rows;
   Z.cols = cols;
   for (int i = 0; i < n; ++i) {
-    Z.sigma[i] = gmem<const T>(sigmas[i]);
+    Z.sigma[i] = gmem<const float>(sigmas[i]);
     Z.ss[i] = strides(sigmas[i]);
     Z.logz[i] = gmem<float>(logz[i]);
   }
@@ -194,7 +196,7 @@ void backward_impl(const std::vector<at::Tensor>& g_outs, const std::vector<at::
     b.q = gmem<const T>(qs[i]);
     b.k = gmem<const T>(ks[i]);
     b.v = gmem<const T>(vs[i]);
-    b.sigma = gmem<const T>(sigmas[i]);
+    b.sigma = gmem<const float>(sigmas[i]);
     b.g_out = gmem<const T>(g_outs[i]);
     b.g_kl_attn = gmem<const float>(g_kl_attns[i]);
     b.g_kl_prior = gmem<const float>(g_kl_priors[i]);
@@ -205,7 +207,7 @@ void backward_impl(const std::vector<at::Tensor>& g_outs, const std::vector<at::
     b.dq = gmem<T>(res[4 * i]);
     b.dk = gmem<T>(res[4 * i + 1]);
     b.dv = gmem<T>(res[4 * i + 2]);
-    b.dsigma = gmem<T>(res[4 * i + 3]);
+    b.dsigma = gmem<float>(res[4 * i + 3]);
     b.sq = strides(qs[i]);
     b.sk = strides(ks[i]);
     b.sv = strides(vs[i]);

@@ -94,9 +94,9 @@ struct Row {
   float lse, qr, qc, cy, cx, logz;
 };
 
-// sigma: the (L, 2) widths of one (batch, head), row stride sl; logz: its (L) row vector.
+// sigma: the (L, 2) float32 widths of one (batch, head), row stride sl; logz: its (L) row vector.
 template <typename T>
-__device__ __forceinline__ Row make_row(int i, int cols, float lse, gptr<const T> sigma, int64_t sl,
+__device__ __forceinline__ Row make_row(int i, int cols, float lse, gptr<const float> sigma, int64_t sl,
                                         gptr<const float> logz) {
   Row r;
   r.lse = lse;
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(NT) logz_kernel(LogzParams<T> P) {
   const int64_t r = idx - br * P.n, bh = r / P.L;
   const int i = int(r % P.L);
   const Strides ss = br == 0 ? P.ss[0] : P.ss[1];  // constant indices: no local-memory copy
-  const gptr<const T> sg = slab(br == 0 ? P.sigma[0] : P.sigma[1], ss, bh / P.H, bh % P.H) + i * ss.l;
+  const gptr<const float> sg = slab(br == 0 ? P.sigma[0] : P.sigma[1], ss, bh / P.H, bh % P.H) + i * ss.l;
   const float cy = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sg[0]))),
               cx = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sg[1])));
   (br == 0 ? P.logz[0] : P.logz[1])[r] = i2c::axis_log_norm<float>(float(i / P.cols), cy, P.rows) +
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
   const int64_t bk = Bp.Bk == 1 ? 0 : task.b;       // key batch
   const gptr<const T> k = slab(Bp.k, Bp.sk, bk, task.h);
   const gptr<const T> v = slab(Bp.v, Bp.sv, bk, task.h);
-  const gptr<const T> sigma = slab(Bp.sigma, Bp.ss, task.b, task.h);
+  const gptr<const float> sigma = slab(Bp.sigma, Bp.ss, task.b, task.h);
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const float scale = P.scale, eps = P.eps;
 
@@ -429,9 +429,9 @@ __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
         const float g_kl_prior = Bp.g_kl_prior[r];
         const float sy = to_f(sigma[i * Bp.ss.l]), sx = to_f(sigma[i * Bp.ss.l + 1]);
         const float ey = i2c::sigma_eff<float>(sy), ex = i2c::sigma_eff<float>(sx);
-        const gptr<T> dsig = slab(Bp.dsigma, Bp.sds, task.b, task.h) + i * Bp.sds.l;
-        dsig[0] = T(i2c::sigma_grad<float>(sy, i2c::dsigma_axis<float>(g_kl_prior, Swy, Wt, Sty, ey)));
-        dsig[1] = T(i2c::sigma_grad<float>(sx, i2c::dsigma_axis<float>(g_kl_prior, Swx, Wt, Stx, ex)));
+        const gptr<float> dsig = slab(Bp.dsigma, Bp.sds, task.b, task.h) + i * Bp.sds.l;
+        dsig[0] = i2c::sigma_grad<float>(sy, i2c::dsigma_axis<float>(g_kl_prior, Swy, Wt, Sty, ey));
+        dsig[1] = i2c::sigma_grad<float>(sx, i2c::dsigma_axis<float>(g_kl_prior, Swx, Wt, Stx, ex));
       }
     }
   }
@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(NT, 1) dkdv_kernel(BwdParams<T> P) {
   for (int b = b_lo; b < b_hi; ++b) {
     const int64_t bh = int64_t(b) * H + task.h;  // row block of the (B, H, L) row vectors
     const gptr<const T> q = slab(Bp.q, Bp.sq, b, task.h), g_out = slab(Bp.g_out, Bp.sgo, b, task.h);
-    const gptr<const T> sigma = slab(Bp.sigma, Bp.ss, b, task.h);
+    const gptr<const float> sigma = slab(Bp.sigma, Bp.ss, b, task.h);
     for (int qt = 0; qt < nqt; ++qt) {
       const int i0 = qt * BM;
       __syncthreads();  // the previous tiles are no longer read

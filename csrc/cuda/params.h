@@ -20,8 +20,10 @@ struct Strides {
 
 // Inputs, outputs and strides of one branch of the forward. Row vectors (logz, lse and the
 // statistics) are the host API's own contiguous (B, H, L) float32 tensors.
+// sigma and dsigma are float32 whatever T is (the prior is computed in float32; bf16 widths underflow).
 template <typename T> struct FwdBranch {
-  gptr<const T> q, k, v, sigma;
+  gptr<const T> q, k, v;
+  gptr<const float> sigma;
   gptr<const float> logz;
   gptr<T> out;
   gptr<float> lse, kl, ent, r1, r2;
@@ -41,9 +43,10 @@ template <typename T> struct FwdParams {
 // One branch of the backward: the upstream gradients g_out (B,H,L,D) and, per row, g_kl_attn,
 // g_kl_prior, g_ent; dfull = <g_out, out> + g_kl_attn * r1 + g_ent * r2 (spec section 3).
 template <typename T> struct BwdBranch {
-  gptr<const T> q, k, v, sigma, g_out;
-  gptr<const float> g_kl_attn, g_kl_prior, g_ent, dfull, lse, logz;
-  gptr<T> dq, dk, dv, dsigma;
+  gptr<const T> q, k, v, g_out;
+  gptr<const float> sigma, g_kl_attn, g_kl_prior, g_ent, dfull, lse, logz;
+  gptr<T> dq, dk, dv;
+  gptr<float> dsigma;
   Strides sq, sk, sv, ss, sgo, sdq, sdk, sdv, sds;
   int Bk, D;
 };
@@ -57,7 +60,7 @@ template <typename T> struct BwdParams {
 };
 
 template <typename T> struct LogzParams {
-  gptr<const T> sigma[MAX_BRANCH];
+  gptr<const float> sigma[MAX_BRANCH];
   Strides ss[MAX_BRANCH];
   gptr<float> logz[MAX_BRANCH];
   int64_t n;  // B * H * L per branch

@@ -111,7 +111,8 @@ def sim_run(sim_mod):
 
 def _sim_fn(run, grid, eps, need=True):
     def fn(q, k, v, s):
-        out, kl_attn, kl_prior, ent = run([(q, k, v, s)], *grid, q.shape[-1] ** -0.5, eps, [need])[0]
+        # sigma in float32 whatever q's dtype: the kernels compute the prior in float32
+        out, kl_attn, kl_prior, ent = run([(q, k, v, s.float())], *grid, q.shape[-1] ** -0.5, eps, [need])[0]
         if not need:
             z = out.new_zeros(out.shape[:3], dtype=torch.float32)
             return out, z, z, z
@@ -181,6 +182,25 @@ def test_sim_fused_branches_equal_single_calls(sim_run):
             assert torch.equal(single[n], fused[i][j].detach().double()), (i, n)
         for j, n in enumerate(("dq", "dk", "dv", "dsigma")):
             assert torch.equal(single[n], grads[4 * i + j].double()), (i, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sim_low_precision_inputs_read_float32_sigma(sim_run, dtype):
+    """bf16/fp16 q, k, v with float32 sigma: the kernels read sigma in float32 (the prior and dsigma are
+    float32): K matches the float64 reference computed from the same (exactly upcast) inputs to float32
+    accuracy, which sigma rounded to the input dtype (as the cuda backend did before) misses by far."""
+    grid, D = (5, 6), 16
+    q, k, v, s = make_branch(2, 2, 30, D, 2, dtype=torch.float32, seed=8, sigma_lo=0.3, sigma_hi=1.5)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    s.requires_grad_(True)
+    ref = correlation_reference(q.double(), k.double(), v.double(), s.detach().double(), grid)[1]
+    got = sim_run([(q, k, v, s)], *grid, D ** -0.5, 1e-4, [True])[0]
+    rounded = sim_run([(q, k, v, s.detach().to(dtype).float())], *grid, D ** -0.5, 1e-4, [True])[0]
+    err, err_rounded = ((x[1].double() - ref).abs().max().item() for x in (got, rounded))
+    assert err < 1e-4 < err_rounded, (err, err_rounded)
+    (ds,) = torch.autograd.grad(got[2].sum(), s)
+    assert ds.dtype == torch.float32 and torch.isfinite(ds).all() and ds.abs().max() > 0
 
 
 @pytest.mark.slow
@@ -262,6 +282,7 @@ def test_sim_every_access_in_bounds(sim_run, grid, B, H, D, shared, need, dtype,
     leaves = []
     for i, sh in enumerate(shared):
         br = make_branch(B, H, L, D, 1 if sh else B, dtype=dtype, seed=seed + i, sigma_lo=0.5)
+        br = (*br[:3], br[3].float())  # sigma is float32 for every input dtype
         leaves.append([_bhld(t, strided).detach().requires_grad_(True) for t in br])
     res = sim_run(leaves, *grid, D ** -0.5, 1e-4, list(need[:len(shared)]))
     loss = 0
@@ -388,6 +409,7 @@ def test_odd_shapes(cuda_backend, grid, D, shared, eps, sig, seed):
 def test_statistics_dtype_and_inference_path(cuda_backend, dtype):
     grid, L, D = (16, 16), 256, 64
     q, k, v, s = _branch(2, 2, L, D, 1, dtype, 3)
+    s = s.float()  # sigma is float32 for every input dtype
     res = backend_cuda.fwd([q], [k], [v], [s], *grid, D ** -0.5, 1e-4, [True])
     assert [r.dtype for r in res] == [dtype] + [torch.float32] * 5
     assert all(tuple(r.shape) == (2, 2, L) for r in res[1:])
