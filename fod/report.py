@@ -123,13 +123,20 @@ def write_summary(path, cfg: Config, metrics, res, ds, vmin, vmax, history, titl
         "per type     " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_type_image_auroc"].items()),
         f"evaluation   {metrics['eval_images_per_second']:.2f} images/s",
     ]
+    th = metrics.get("thresholds") or {}
+    if th.get("image"):
+        im, px = th["image"], th.get("pixel") or {}
+        lines.append(f"thresholds   image {im['threshold']:.4g}: precision {im['precision']:.3f} recall "
+                     f"{im['recall']:.3f} F1 {im['f1']:.3f} FPR {im['fpr']:.3f}"
+                     + (f"; pixel {px['threshold']:.4g}: F1 {px['f1']:.3f}" if px else ""))
     if "warning" in metrics:
         lines += ["", "WARNING: test-set model selection (--compat-official);", "numbers are optimistic."]
     examples = summary_examples(ds, res, vmin, vmax)
     with writing(path):
         viz.summary_page(path, title=f"FOD run summary{title_extra}", lines=lines, history=history,
                          labels=res["labels"], image_scores=res["image_scores"], masks=res["masks"],
-                         maps=res["maps"], examples=examples)
+                         maps=res["maps"], examples=examples,
+                         image_threshold=th["image"]["threshold"] if th.get("image") else None)
 
 
 def log_metrics(metrics: dict, out: Path, products: str, log=say):

@@ -39,10 +39,10 @@ def save_overlay(path, image, amap, mask=None, vmin=None, vmax=None):
 
 
 def summary_page(path, *, title: str, lines: list[str], history: list[dict], labels, image_scores, masks=None,
-                 maps=None, examples=(), pixel_sample: int = 200_000, seed: int = 0):
+                 maps=None, examples=(), pixel_sample: int = 200_000, seed: int = 0, image_threshold=None):
     """One A4-portrait PNG: run facts, training loss, ROC curves, PRO curve, score histogram, examples.
 
-    examples: up to 4 (caption, overlay uint8 image) pairs.
+    examples: up to 4 (caption, overlay uint8 image) pairs. image_threshold: drawn on the histogram when given.
     """
     from .metrics import pro_curve, roc_curve
     labels = np.asarray(labels).astype(int)
@@ -92,10 +92,16 @@ def summary_page(path, *, title: str, lines: list[str], history: list[dict], lab
 
     ax = fig.add_subplot(gs[2, :])
     scores = np.asarray(image_scores)
-    bins = np.linspace(scores.min(), scores.max() + 1e-12, 30)
+    lo, hi = scores.min(), scores.max()
+    if image_threshold is not None:
+        lo, hi = min(lo, image_threshold), max(hi, image_threshold)
+    bins = np.linspace(lo, hi + 1e-12, 30)
     for lab, name, col in ((0, "normal", "tab:green"), (1, "defective", "tab:red")):
         if (labels == lab).any():
             ax.hist(scores[labels == lab], bins=bins, alpha=0.6, label=name, color=col)
+    if image_threshold is not None:
+        ax.axvline(image_threshold, color="black", ls="--", lw=1,
+                   label=f"calibrated threshold {image_threshold:.4g} (anomalous above)")
     ax.set_title("image scores (max of the sigma-4 filtered map)", fontsize=9)
     ax.legend(fontsize=7)
 
