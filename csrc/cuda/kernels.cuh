@@ -232,10 +232,9 @@ template <int DMAX, int BM, int BN> constexpr size_t fwd_smem() {
 // Forward. EXT: an extended launch (key_padding_mask, S = n_img * L keys); the plain launches compile
 // without that code.
 // ---------------------------------------------------------------------------------------
-// The plain kernel fits 2 blocks per SM (128 registers, what ptxas picks anyway); the extended one asks for
-// 1: capped at 128 registers, its D = 128 variant spilled 16 bytes on sm_90.
+// The body of both forward kernels (below): the plain and the extended one differ in their launch bounds.
 template <typename T, int DMAX, int BM, int BN, bool EXT>
-__global__ void __launch_bounds__(NT, EXT ? 1 : 2) fwd_kernel(FwdParams<T> P) {
+__device__ __forceinline__ void fwd_block(const FwdParams<T>& P) {
   constexpr int MA = BM / 16, NB = BN / 16, NC = DMAX / 16, SQ = DMAX + 1, SP = BN + 1;
   static_assert(BM % 16 == 0 && BN % 16 == 0 && DMAX % 16 == 0, "tiles are multiples of 16");
   I2C_DYNAMIC_SMEM(smem);
@@ -393,6 +392,18 @@ __global__ void __launch_bounds__(NT, EXT ? 1 : 2) fwd_kernel(FwdParams<T> P) {
       Bp.r2[bh * L + i] = R2;
     }
   }
+}
+
+template <typename T, int DMAX, int BM, int BN>
+__global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
+  fwd_block<T, DMAX, BM, BN, false>(P);
+}
+
+// (NT, 1): capped at 128 registers (ptxas's choice without the minimum), the D = 128 variant spilled 16
+// bytes on sm_90; with it, no stack.
+template <typename T, int DMAX, int BM, int BN>
+__global__ void __launch_bounds__(NT, 1) fwd_ext_kernel(FwdParams<T> P) {
+  fwd_block<T, DMAX, BM, BN, true>(P);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ void launch_logz(const LogzParams<T>& P, cudaStream_t stream) {
 template <typename T, int DMAX, int BM, int BN, bool EXT>
 void launch_fwd(FwdParams<T> P, cudaStream_t stream) {
   constexpr size_t smem = fwd_smem<DMAX, BM, BN>();
-  auto fwd = fwd_kernel<T, DMAX, BM, BN, EXT>;
+  auto fwd = EXT ? fwd_ext_kernel<T, DMAX, BM, BN> : fwd_kernel<T, DMAX, BM, BN>;
   const unsigned blocks = set_first(P, {P.L, P.L}, BM);
   set_smem(reinterpret_cast<const void*>(fwd), smem);
   I2C_LAUNCH(fwd, blocks, NT, smem, stream, P);
