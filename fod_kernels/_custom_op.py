@@ -102,16 +102,6 @@ def _fold_mask(m, d, V, B):
     return _fold(m, d, V, B)
 
 
-def refuse_extended(backend: str, qs, ks, masks) -> None:
-    """For kernels without key_padding_mask and S = m * L yet: a clear error, never a silent wrong answer."""
-    what = (["key_padding_mask"] if masks and any(m is not None for m in masks) else []) + \
-        (["a memory of several images (S = m * L)"] if any(k.shape[2] != q.shape[2] for q, k in zip(qs, ks)) else [])
-    if what:
-        from .functional import EXTENDED_BACKENDS
-        raise NotImplementedError(f"{' and '.join(what)} is not implemented by the {backend!r} backend yet; the "
-                                  f"backends that support it: {EXTENDED_BACKENDS}")
-
-
 def make_kernel_op(name: str, fwd: Callable, bwd: Callable):
     """Register ``fod_kernels::<name>_fwd`` and ``<name>_bwd``; returns ``run``.
 

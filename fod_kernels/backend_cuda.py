@@ -2,7 +2,8 @@
 
 float32, bfloat16 and float16 inputs; every product and sum is float32 (SIMT kernels, no tensor
 cores), the statistics are float32, out and the gradients come back in the input dtype (contiguous).
-Strided inputs (contiguous last dimension) are read in place. float64
+Strided inputs (contiguous last dimension) are read in place. key_padding_mask ((1 or B, S) bool) and a
+memory of several images (S = m * L) run in the kernels' extended variant. float64
 is refused by the extension with an error that names the backends that take it.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._custom_op import make_kernel_op, refuse_extended
+from ._custom_op import make_kernel_op
 
 
 def status():
@@ -38,20 +39,25 @@ def _inner(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _masks(masks, qs):
+    """The extension's masks: contiguous bool (1 or B, S), or an empty tensor for none."""
+    masks = masks or [None] * len(qs)
+    return [torch.empty((0,), dtype=torch.bool, device=q.device) if m is None else m.contiguous()
+            for m, q in zip(masks, qs)]
+
+
 def fwd(qs, ks, vs, sigmas, rows, cols, scale, eps, need_stats, masks=None):
-    refuse_extended("cuda", qs, ks, masks)
     qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
-    return _ext_mod().forward(qs, ks, vs, sigmas, rows, cols, scale, eps, list(need_stats))
+    return _ext_mod().forward(qs, ks, vs, sigmas, rows, cols, scale, eps, list(need_stats), _masks(masks, qs))
 
 
 def bwd(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols, scale, eps,
         masks=None):
-    refuse_extended("cuda", qs, ks, masks)
     g_outs = [_inner(g.to(q.dtype)) for g, q in zip(g_outs, qs)]  # .to: a no-op unless a caller mixes dtypes
     qs, ks, vs, sigmas = ([_inner(t) for t in ts] for ts in (qs, ks, vs, sigmas))
     rowv = lambda ts: [t.float().contiguous() for t in ts]  # noqa: E731  (B, H, L) float32 row vectors
     return _ext_mod().backward(g_outs, rowv(g_kl_attns), rowv(g_kl_priors), rowv(g_ents), rowv(dfulls), qs, ks, vs,
-                               sigmas, rowv(lses), rows, cols, scale, eps)
+                               sigmas, rowv(lses), rows, cols, scale, eps, _masks(masks, qs))
 
 
 run = make_kernel_op("cuda", fwd, bwd)

@@ -1,20 +1,18 @@
 """Functional API: one branch (``correlation_attention``) or both (``i2correlation``)."""
 from __future__ import annotations
 
-import os
 import sys
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
-from ._backends import BACKENDS, get_runner, resolve_backend_name
+from ._backends import get_runner, resolve_backend_name
 from ._custom_op import stats_dtype
 from ._validate import check_branch, check_finite_result, check_scalars, scans_enabled
 from .reference import correlation_reference
 
-# Backends that take a key_padding_mask and a memory of several images (S = m * L); the CUDA kernels follow later.
-EXTENDED_BACKENDS = ("reference", "cpu", "triton")
+# Backends that take a key_padding_mask and a memory of several images (S = m * L): all of them.
+EXTENDED_BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
 class CorrelationStats(NamedTuple):
@@ -44,30 +42,13 @@ def _unbroadcast_mask(m: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return m
 
 
-_warned: set = set()
-
-
 def _pick_backend(backend: str, device_type: str, extended: list[str]) -> str:
-    """The backend for this call; a call with a mask or S != L goes to a backend that implements them."""
-    if not extended:
-        return resolve_backend_name(backend, device_type)
-    what = " and ".join(extended)
-    if backend == "auto":
-        name = resolve_backend_name(backend, device_type)
-        if name in EXTENDED_BACKENDS:
-            return name
-        if what not in _warned and not torch.compiler.is_compiling() and os.environ.get("FOD_KERNELS_QUIET") != "1":
-            _warned.add(what)
-            warnings.warn(f"fod_kernels: {what} is implemented so far only by the backends {EXTENDED_BACKENDS}; "
-                          f"'auto' uses the materialising 'reference' backend for such calls on {device_type}",
-                          RuntimeWarning, stacklevel=4)
-        return "reference"
-    if backend not in BACKENDS:
-        return resolve_backend_name(backend, device_type)  # raises the unknown-backend error
-    if backend not in EXTENDED_BACKENDS:
-        raise NotImplementedError(f"{what} is not implemented by the {backend!r} backend yet; the backends that "
-                                  f"support it: {EXTENDED_BACKENDS} (backend='reference', or 'auto' to choose it)")
-    return backend
+    """The backend for this call; a call with a mask or S != L must go to a backend that implements them."""
+    name = resolve_backend_name(backend, device_type)
+    if extended and name not in EXTENDED_BACKENDS:  # a guard for a future backend without them
+        raise NotImplementedError(f"{' and '.join(extended)} is not implemented by the {name!r} backend; the "
+                                  f"backends that support it: {EXTENDED_BACKENDS}")
+    return name
 
 
 def _reentrant_checkpoint_forward() -> bool:
@@ -164,10 +145,8 @@ def correlation_attention(q, k, v, sigma, grid, *, scale: Optional[float] = None
     ``nn.MultiheadAttention``): masked keys are left out of both softmaxes
     (p_ij = t_ij = 0, the prior renormalised over the unmasked keys) and of K
     and E; every row must keep a key (``check_values`` raises otherwise; without
-    the check such a row is NaN). The mask and S != L run on the backends in
-    ``EXTENDED_BACKENDS`` ('reference', 'cpu' and 'triton'; where ``backend='auto'``
-    would pick 'cuda' it picks 'reference' for them, with a warning; an explicit
-    'cuda' raises NotImplementedError).
+    the check such a row is NaN). The mask and S != L run on every backend
+    (``EXTENDED_BACKENDS``).
 
     Returns ``(out, stats)``: out (B, H, L, D) in q's dtype and a
     :class:`CorrelationStats` of (B, H, L) tensors in float32 (float64 for

@@ -78,8 +78,10 @@ int check_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   TORCH_CHECK(q0.dim() == 4 && q0.size(0) == B && q0.size(1) == H && q0.size(2) == L, kName,
               ": the branches must share (B, H, L), got ", q0.sizes(), " and ", q.sizes());
   TORCH_CHECK(B > 0 && H > 0 && L > 0, kName, ": empty input, q has shape ", q.sizes());
-  TORCH_CHECK((k.size(0) == 1 || k.size(0) == B) && k.size(1) == H && k.size(2) == L && k.size(3) == D, kName,
-              ": k must be (1 or B, H, L, D) with q ", q.sizes(), ", got ", k.sizes());
+  const int64_t S = k.size(2);
+  TORCH_CHECK((k.size(0) == 1 || k.size(0) == B) && k.size(1) == H && S > 0 && S % L == 0 && k.size(3) == D, kName,
+              ": k must be (1 or B, H, S, D) with S a multiple of L (a memory of S / L images) and q ", q.sizes(),
+              ", got ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), kName, ": v must match k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(s.size(0) == B && s.size(1) == H && s.size(2) == L && s.size(3) == 2, kName,
               ": sigma must be (B, H, L, 2) = (", B, ", ", H, ", ", L, ", 2), got ", s.sizes());
@@ -89,9 +91,37 @@ int check_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   check_rows(s, "sigma");
   TORCH_CHECK(rows > 0 && cols > 0 && rows * cols == L, kName, ": grid (", rows, ", ", cols,
               ") does not match L = ", L);
-  TORCH_CHECK(B * H * L * std::max<int64_t>(D, 2) < (int64_t(1) << 40) && L < (int64_t(1) << 30), kName,
+  TORCH_CHECK(B * H * S * std::max<int64_t>(D, 2) < (int64_t(1) << 40) && S < (int64_t(1) << 30), kName,
               ": input too large, q has shape ", q.sizes());
   return i2c::bucket(int(D));
+}
+
+// A key_padding_mask: undefined or empty = none; else a contiguous bool (1 or B, S) tensor beside q.
+bool check_mask(const at::Tensor& m, const at::Tensor& q, const at::Tensor& k) {
+  if (!m.defined() || m.numel() == 0) return false;
+  check_tensor(m, "key_padding_mask", q);
+  TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && (m.size(0) == 1 || m.size(0) == q.size(0)) &&
+                  m.size(1) == k.size(2) && m.is_contiguous(),
+              kName, ": key_padding_mask must be a contiguous bool (1 or B, S) = (1 or ", q.size(0), ", ", k.size(2),
+              ") tensor, got ", m.scalar_type(), " ", m.sizes());
+  return true;
+}
+
+// Whether the call needs the extended kernels (a mask or S != L); checks the masks. masks: empty = none.
+bool extended(const std::vector<at::Tensor>& masks, const std::vector<at::Tensor>& qs,
+              const std::vector<at::Tensor>& ks) {
+  TORCH_CHECK(masks.empty() || masks.size() == qs.size(), kName, ": ", masks.size(), " masks for ", qs.size(),
+              " branches");
+  bool ext = false;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    if (!masks.empty() && check_mask(masks[i], qs[i], ks[i])) ext = true;
+    if (ks[i].size(2) != qs[i].size(2)) ext = true;
+  }
+  return ext;
+}
+
+bool has_mask(const std::vector<at::Tensor>& masks, size_t i) {
+  return !masks.empty() && masks[i].defined() && masks[i].numel() > 0;
 }
 
 // (batch, head, row) strides; batch stride 0 for a batch-shared memory (batch 1).
@@ -99,31 +129,47 @@ i2c::Strides strides(const at::Tensor& t) {
   return i2c::Strides{t.size(0) == 1 ? 0 : t.stride(0), t.stride(1), t.stride(2)};
 }
 
-template <typename T>
+// logZ (plain) or lmax and logz over the kept keys (EXT) of every query row: see LogzParams.
+template <typename T, bool EXT>
+void launch_logz(const std::vector<at::Tensor>& sigmas, const std::vector<at::Tensor>& ks,
+                 const std::vector<at::Tensor>& masks, const std::vector<at::Tensor>& logz,
+                 const std::vector<at::Tensor>& lmax, int rows, int cols, cudaStream_t stream) {
+  const int n = int(sigmas.size());
+  i2c::LogzParams<T> Z{};
+  Z.nbranch = n;
+  Z.n = sigmas[0].size(0) * sigmas[0].size(1) * sigmas[0].size(2);
+  Z.H = int(sigmas[0].size(1));
+  Z.L = int(sigmas[0].size(2));
+  Z.rows = rows;
+  Z.cols = cols;
+  for (int i = 0; i < n; ++i) {
+    Z.sigma[i] = gmem<const float>(sigmas[i]);
+    Z.ss[i] = strides(sigmas[i]);
+    Z.logz[i] = gmem<float>(logz[i]);
+    if (EXT) {
+      Z.lmax[i] = gmem<float>(lmax[i]);
+      Z.S[i] = int(ks[i].size(2));
+      if (has_mask(masks, size_t(i))) {
+        Z.drop[i] = gmem<const bool>(masks[i]);
+        Z.drop_bs[i] = masks[i].size(0) == 1 ? 0 : masks[i].size(1);
+      }
+    }
+  }
+  i2c::launch_logz<T, EXT>(Z, stream);
+}
+
+template <typename T, bool EXT>
 void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
                   const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& sigmas,
-                  const std::vector<at::Tensor>& logz, std::vector<at::Tensor>& res, int rows, int cols,
+                  const std::vector<at::Tensor>& masks, const std::vector<at::Tensor>& logz,
+                  const std::vector<at::Tensor>& lmax, std::vector<at::Tensor>& res, int rows, int cols,
                   float scale, float eps, const std::vector<bool>& need, int dmax) {
   const int n = int(qs.size());
   const int B = int(qs[0].size(0)), H = int(qs[0].size(1)), L = int(qs[0].size(2));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   bool any = false;
   for (bool x : need) any = any || x;
-  if (any) {
-    i2c::LogzParams<T> Z{};
-    Z.nbranch = n;
-    Z.n = int64_t(B) * H * L;
-    Z.H = H;
-    Z.L = L;
-    Z.rows = rows;
-    Z.cols = cols;
-    for (int i = 0; i < n; ++i) {
-      Z.sigma[i] = gmem<const float>(sigmas[i]);
-      Z.ss[i] = strides(sigmas[i]);
-      Z.logz[i] = gmem<float>(logz[i]);
-    }
-    i2c::launch_logz<T>(Z, stream);
-  }
+  if (any) launch_logz<T, EXT>(sigmas, ks, masks, logz, lmax, rows, cols, stream);
   i2c::FwdParams<T> P{};
   P.B = B;
   P.H = H;
@@ -155,34 +201,31 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
     b.so = strides(res[6 * i]);
     b.Bk = int(ks[i].size(0));
     b.D = int(qs[i].size(3));
+    b.S = int(ks[i].size(2));
+    if (EXT) {
+      b.lmax = gmem<const float>(lmax[i]);
+      if (has_mask(masks, size_t(i))) {
+        b.drop = gmem<const bool>(masks[i]);
+        b.drop_bs = masks[i].size(0) == 1 ? 0 : masks[i].size(1);
+      }
+    }
   }
-  i2c::fwd_dispatch<T>(P, dmax, stream);
+  i2c::fwd_dispatch<T, EXT>(P, dmax, stream);
 }
 
-template <typename T>
+template <typename T, bool EXT>
 void backward_impl(const std::vector<at::Tensor>& g_outs, const std::vector<at::Tensor>& g_kl_attns,
                    const std::vector<at::Tensor>& g_kl_priors, const std::vector<at::Tensor>& g_ents,
                    const std::vector<at::Tensor>& dfulls, const std::vector<at::Tensor>& qs,
                    const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
                    const std::vector<at::Tensor>& sigmas, const std::vector<at::Tensor>& lses,
-                   const std::vector<at::Tensor>& logz, std::vector<at::Tensor>& res, int rows, int cols, float scale,
+                   const std::vector<at::Tensor>& masks, const std::vector<at::Tensor>& logz,
+                   const std::vector<at::Tensor>& lmax, std::vector<at::Tensor>& res, int rows, int cols, float scale,
                    float eps, int dmax) {
   const int n = int(qs.size());
   const int B = int(qs[0].size(0)), H = int(qs[0].size(1)), L = int(qs[0].size(2));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  i2c::LogzParams<T> Z{};
-  Z.nbranch = n;
-  Z.n = int64_t(B) * H * L;
-  Z.H = H;
-  Z.L = L;
-  Z.rows = rows;
-  Z.cols = cols;
-  for (int i = 0; i < n; ++i) {
-    Z.sigma[i] = gmem<const float>(sigmas[i]);
-    Z.ss[i] = strides(sigmas[i]);
-    Z.logz[i] = gmem<float>(logz[i]);
-  }
-  i2c::launch_logz<T>(Z, stream);
+  launch_logz<T, EXT>(sigmas, ks, masks, logz, lmax, rows, cols, stream);
   i2c::BwdParams<T> P{};
   P.B = B;
   P.H = H;
@@ -219,9 +262,17 @@ void backward_impl(const std::vector<at::Tensor>& g_outs, const std::vector<at::
     b.sds = strides(res[4 * i + 3]);
     b.Bk = int(ks[i].size(0));
     b.D = int(qs[i].size(3));
+    b.S = int(ks[i].size(2));
+    if (EXT) {
+      b.lmax = gmem<const float>(lmax[i]);
+      if (has_mask(masks, size_t(i))) {
+        b.drop = gmem<const bool>(masks[i]);
+        b.drop_bs = masks[i].size(0) == 1 ? 0 : masks[i].size(1);
+      }
+    }
     bks[i] = ks[i].size(0);
   }
-  i2c::bwd_dispatch<T>(P, bks, dmax, stream);
+  i2c::bwd_dispatch<T, EXT>(P, bks, dmax, stream);
 }
 
 // An output of t's shape and dtype: contiguous, whatever t's layout (the op's contract).
@@ -232,7 +283,8 @@ at::Tensor like(const at::Tensor& t) { return at::empty(t.sizes(), t.options());
 std::vector<at::Tensor> i2corr_cuda_forward(const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
                                             const std::vector<at::Tensor>& vs,
                                             const std::vector<at::Tensor>& sigmas, int64_t rows, int64_t cols,
-                                            double scale, double eps, const std::vector<bool>& need_stats) {
+                                            double scale, double eps, const std::vector<bool>& need_stats,
+                                            const std::vector<at::Tensor>& masks) {
   const size_t n = qs.size();
   TORCH_CHECK(n >= 1 && n <= MAX_BRANCH, kName, ": 1 or 2 branches, got ", n);
   TORCH_CHECK(ks.size() == n && vs.size() == n && sigmas.size() == n && need_stats.size() == n, kName,
@@ -242,30 +294,28 @@ std::vector<at::Tensor> i2corr_cuda_forward(const std::vector<at::Tensor>& qs, c
   TORCH_CHECK(qs[0].defined() && i2c::on_device(qs[0]), kName, ": q must be a CUDA tensor");
   int dmax = 32;
   for (size_t i = 0; i < n; ++i) dmax = std::max(dmax, check_branch(qs[i], ks[i], vs[i], sigmas[i], qs[0], rows, cols));
+  const bool ext = extended(masks, qs, ks);
   const c10::cuda::CUDAGuard guard(qs[0].device());
   const auto& q0 = qs[0];
   const int64_t B = q0.size(0), H = q0.size(1), L = q0.size(2);
   auto fopt = q0.options().dtype(at::kFloat);
-  std::vector<at::Tensor> res, logz;
+  std::vector<at::Tensor> res, logz, lmax;
   for (size_t i = 0; i < n; ++i) {
     res.push_back(like(qs[i]));
     res.push_back(at::empty({B, H, L}, fopt));
     for (int s = 0; s < 4; ++s) res.push_back(need_stats[i] ? at::empty({B, H, L}, fopt) : at::empty({0}, fopt));
     logz.push_back(at::empty({B, H, L}, fopt));
+    if (ext) lmax.push_back(at::empty({B, H, L}, fopt));
   }
+  const int r = int(rows), c = int(cols);
+  const float sc = float(scale), ep = float(eps);
+#define I2C_FWD(T, E) forward_impl<T, E>(qs, ks, vs, sigmas, masks, logz, lmax, res, r, c, sc, ep, need_stats, dmax)
   switch (q0.scalar_type()) {
-    case at::kFloat:
-      forward_impl<float>(qs, ks, vs, sigmas, logz, res, int(rows), int(cols), float(scale), float(eps), need_stats, dmax);
-      break;
-    case at::kBFloat16:
-      forward_impl<at::BFloat16>(qs, ks, vs, sigmas, logz, res, int(rows), int(cols), float(scale), float(eps),
-                                 need_stats, dmax);
-      break;
-    default:
-      forward_impl<at::Half>(qs, ks, vs, sigmas, logz, res, int(rows), int(cols), float(scale), float(eps), need_stats,
-                             dmax);
-      break;
+    case at::kFloat: ext ? I2C_FWD(float, true) : I2C_FWD(float, false); break;
+    case at::kBFloat16: ext ? I2C_FWD(at::BFloat16, true) : I2C_FWD(at::BFloat16, false); break;
+    default: ext ? I2C_FWD(at::Half, true) : I2C_FWD(at::Half, false); break;
   }
+#undef I2C_FWD
   return res;
 }
 
@@ -274,7 +324,7 @@ std::vector<at::Tensor> i2corr_cuda_backward(
     const std::vector<at::Tensor>& g_kl_priors, const std::vector<at::Tensor>& g_ents,
     const std::vector<at::Tensor>& dfulls, const std::vector<at::Tensor>& qs, const std::vector<at::Tensor>& ks,
     const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& sigmas, const std::vector<at::Tensor>& lses,
-    int64_t rows, int64_t cols, double scale, double eps) {
+    int64_t rows, int64_t cols, double scale, double eps, const std::vector<at::Tensor>& masks) {
   const size_t n = qs.size();
   TORCH_CHECK(n >= 1 && n <= MAX_BRANCH, kName, ": 1 or 2 branches, got ", n);
   TORCH_CHECK(g_outs.size() == n && g_kl_attns.size() == n && g_kl_priors.size() == n && g_ents.size() == n &&
@@ -298,32 +348,28 @@ std::vector<at::Tensor> i2corr_cuda_backward(
     check_row_vector(dfulls[i], "dfull", q);
     check_row_vector(lses[i], "lse", q);
   }
+  const bool ext = extended(masks, qs, ks);
   const c10::cuda::CUDAGuard guard(qs[0].device());
   const auto& q0 = qs[0];
   auto fopt = q0.options().dtype(at::kFloat);
-  std::vector<at::Tensor> res, logz;
+  std::vector<at::Tensor> res, logz, lmax;
   for (size_t i = 0; i < n; ++i) {
     res.push_back(like(qs[i]));
     res.push_back(like(ks[i]));
     res.push_back(like(vs[i]));
     res.push_back(like(sigmas[i]));
     logz.push_back(at::empty({q0.size(0), q0.size(1), q0.size(2)}, fopt));
+    if (ext) lmax.push_back(at::empty({q0.size(0), q0.size(1), q0.size(2)}, fopt));
   }
   const int r = int(rows), c = int(cols);
   const float sc = float(scale), ep = float(eps);
+#define I2C_BWD(T, E) backward_impl<T, E>(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, \
+                                          masks, logz, lmax, res, r, c, sc, ep, dmax)
   switch (q0.scalar_type()) {
-    case at::kFloat:
-      backward_impl<float>(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, logz, res, r, c,
-                           sc, ep, dmax);
-      break;
-    case at::kBFloat16:
-      backward_impl<at::BFloat16>(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, logz,
-                                  res, r, c, sc, ep, dmax);
-      break;
-    default:
-      backward_impl<at::Half>(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, logz, res, r,
-                              c, sc, ep, dmax);
-      break;
+    case at::kFloat: ext ? I2C_BWD(float, true) : I2C_BWD(float, false); break;
+    case at::kBFloat16: ext ? I2C_BWD(at::BFloat16, true) : I2C_BWD(at::BFloat16, false); break;
+    default: ext ? I2C_BWD(at::Half, true) : I2C_BWD(at::Half, false); break;
   }
+#undef I2C_BWD
   return res;
 }

@@ -20,6 +20,9 @@
 //   dkdv_kernel  per (branch, bk, h, key tile): dk, dv; loops over the query tiles and, for a
 //                batch-shared memory (Bk = 1), over the batch in order: deterministic, no atomics.
 // Both branches of a fused call run in the same launches (blocks of branch 0, then branch 1).
+// Each kernel has a plain variant (S = L, no mask: FOD's launches) and an extended one (template flag EXT):
+// a key_padding_mask ((1 or B, S), True = ignore) and S = n_img * L keys, key j at grid position j % L,
+// with the normaliser of the prior over the kept keys as lmax and logz (see LogzParams), as the CPU kernels.
 // Launch configurations and shared-memory sizes: launch.cuh.
 #pragma once
 
@@ -89,7 +92,26 @@ __device__ __forceinline__ void tile_dot(float (&acc)[NA][NB], const float* X, c
   }
 }
 
-// Per query row: what the element terms need.
+// Keys [j0, j0 + R) of an extended launch: grid coordinates of position j % L, and dead = 1 where the key
+// is beyond S or masked (drop: the key_padding_mask row of this batch, or null), else 0.
+template <int R>
+__device__ __forceinline__ void load_keys(float* krow, float* kcol, float* dead, int j0, int cols, int L, int S,
+                                          gptr<const bool> drop) {
+  for (int jj = threadIdx.x; jj < R; jj += NT) {
+    const int j = j0 + jj, pos = j % L;
+    krow[jj] = float(pos / cols);
+    kcol[jj] = float(pos % cols);
+    dead[jj] = (j >= S || (drop && drop[j])) ? 1.0f : 0.0f;
+  }
+}
+
+// The key_padding_mask row of batch b (null: none).
+__device__ __forceinline__ gptr<const bool> mask_row(gptr<const bool> drop, int64_t bs, int64_t b) {
+  return drop ? drop + b * bs : drop;
+}
+
+// Per query row: what the element terms need. The extended launches' lmax (see LogzParams) is kept in
+// shared memory, not here: in registers it made the D = 128 forward spill.
 struct Row {
   float lse, qr, qc, cy, cx, logz;
 };
@@ -120,10 +142,13 @@ struct Elem {
   i2c::LogTerms<float> g;
 };
 
-__device__ __forceinline__ Elem element(float s, const Row& r, float kr, float kc, float eps) {
+// lmax: the row's lmax in an extended launch (EXT), unused otherwise.
+template <bool EXT>
+__device__ __forceinline__ Elem element(float s, const Row& r, float kr, float kc, float eps, float lmax) {
   Elem e;
   const float lp = s - r.lse;
-  const float lt = i2c::axis_logw<float>(r.qr, kr, r.cy) + i2c::axis_logw<float>(r.qc, kc, r.cx) - r.logz;
+  const float l = i2c::axis_logw<float>(r.qr, kr, r.cy) + i2c::axis_logw<float>(r.qc, kc, r.cx);
+  const float lt = EXT ? (l - lmax) - r.logz : l - r.logz;
   e.p = i2c::fast_exp<float>(lp);
   e.t = i2c::fast_exp<float>(lt);
   e.g = i2c::log_terms<float>(e.p, e.t, lp, lt, eps);
@@ -133,7 +158,9 @@ __device__ __forceinline__ Elem element(float s, const Row& r, float kr, float k
 // ---------------------------------------------------------------------------------------
 // logZ_i = log sum_r exp(-(row_i - r)^2 / 2 sy^2) + log sum_c exp(-(col_i - c)^2 / 2 sx^2).
 // ---------------------------------------------------------------------------------------
-template <typename T>
+// Extended launches (EXT): lmax and logz over the kept keys of S = n_img * L (see LogzParams); without a mask
+// lmax = 0 (the own position) and logz = log Z_i + log n_img; with one, an O(S) loop over the keys.
+template <typename T, bool EXT>
 __global__ void __launch_bounds__(NT) logz_kernel(LogzParams<T> P) {
   const int64_t idx = int64_t(blockIdx.x) * NT + threadIdx.x;
   if (idx >= P.n * P.nbranch) return;
@@ -144,8 +171,38 @@ __global__ void __launch_bounds__(NT) logz_kernel(LogzParams<T> P) {
   const gptr<const float> sg = slab(br == 0 ? P.sigma[0] : P.sigma[1], ss, bh / P.H, bh % P.H) + i * ss.l;
   const float cy = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sg[0]))),
               cx = i2c::half_inv_sq<float>(i2c::sigma_eff<float>(to_f(sg[1])));
-  (br == 0 ? P.logz[0] : P.logz[1])[r] = i2c::axis_log_norm<float>(float(i / P.cols), cy, P.rows) +
-                  i2c::axis_log_norm<float>(float(i % P.cols), cx, P.cols);
+  const float qr = float(i / P.cols), qc = float(i % P.cols);
+  if (!EXT) {
+    (br == 0 ? P.logz[0] : P.logz[1])[r] = i2c::axis_log_norm<float>(qr, cy, P.rows) +
+                    i2c::axis_log_norm<float>(qc, cx, P.cols);
+    return;
+  }
+  const int S = br == 0 ? P.S[0] : P.S[1];
+  const gptr<const bool> drop = mask_row(br == 0 ? P.drop[0] : P.drop[1], br == 0 ? P.drop_bs[0] : P.drop_bs[1],
+                                         bh / P.H);
+  float lmax = 0.0f, lz;
+  if (!drop) {
+    lz = i2c::axis_log_norm<float>(qr, cy, P.rows) + i2c::axis_log_norm<float>(qc, cx, P.cols) +
+         i2c::fast_log<float>(float(S / P.L));
+  } else {  // a fully masked row: lmax = -inf, z = 0 (the caller refuses such rows)
+    lmax = -INFINITY;
+    for (int j = 0; j < S; ++j)
+      if (!drop[j]) {
+        const int pos = j % P.L;
+        lmax = fmaxf(lmax, i2c::axis_logw<float>(qr, float(pos / P.cols), cy) +
+                               i2c::axis_logw<float>(qc, float(pos % P.cols), cx));
+      }
+    float z = 0.0f;
+    for (int j = 0; j < S; ++j)
+      if (!drop[j]) {
+        const int pos = j % P.L;
+        z += i2c::fast_exp<float>(i2c::axis_logw<float>(qr, float(pos / P.cols), cy) +
+                                  i2c::axis_logw<float>(qc, float(pos % P.cols), cx) - lmax);
+      }
+    lz = i2c::fast_log<float>(z);
+  }
+  (br == 0 ? P.logz[0] : P.logz[1])[r] = lz;
+  (br == 0 ? P.lmax[0] : P.lmax[1])[r] = lmax;
 }
 
 // Decode a flat block index into (branch, batch-or-bk, head, tile).
@@ -153,11 +210,13 @@ struct Task {
   int br, b, h, tile;
 };
 
-__device__ __forceinline__ Task decode(const int64_t* first, int H, int ntiles) {
+// nt0, nt1: tiles per (batch, head) of branch 0 and 1 (they differ for key tiles when the branches' S do).
+__device__ __forceinline__ Task decode(const int64_t* first, int H, int nt0, int nt1) {
   Task t;
   int64_t idx = blockIdx.x;
   t.br = idx >= first[1] ? 1 : 0;
   idx -= t.br ? first[1] : 0;
+  const int ntiles = t.br ? nt1 : nt0;
   t.tile = int(idx % ntiles);
   const int64_t bh = idx / ntiles;
   t.b = int(bh / H);
@@ -166,14 +225,16 @@ __device__ __forceinline__ Task decode(const int64_t* first, int H, int ntiles) 
 }
 
 template <int DMAX, int BM, int BN> constexpr size_t fwd_smem() {
-  return sizeof(float) * (size_t(BM + BN) * (DMAX + 1) + size_t(BM) * (BN + 1) + 2 * BN);
+  return sizeof(float) * (size_t(BM + BN) * (DMAX + 1) + size_t(BM) * (BN + 1) + 3 * BN + BM);
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward.
+// Forward. EXT: an extended launch (key_padding_mask, S = n_img * L keys); the plain launches compile
+// without that code.
 // ---------------------------------------------------------------------------------------
-template <typename T, int DMAX, int BM, int BN>
-__global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
+// The body of both forward kernels (below): the plain and the extended one differ in their launch bounds.
+template <typename T, int DMAX, int BM, int BN, bool EXT>
+__device__ __forceinline__ void fwd_block(const FwdParams<T>& P) {
   constexpr int MA = BM / 16, NB = BN / 16, NC = DMAX / 16, SQ = DMAX + 1, SP = BN + 1;
   static_assert(BM % 16 == 0 && BN % 16 == 0 && DMAX % 16 == 0, "tiles are multiples of 16");
   I2C_DYNAMIC_SMEM(smem);
@@ -182,12 +243,15 @@ __global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
   float* Ps = KVs + BN * SQ;   // BM x SP
   float* krow = Ps + BM * SP;  // BN
   float* kcol = krow + BN;     // BN
+  float* kdead = kcol + BN;    // BN (EXT)
+  float* rlm = kdead + BN;     // BM: lmax of the tile's rows (EXT)
 
   const int L = P.L, H = P.H, cols = P.cols;
-  const int nqt = (L + BM - 1) / BM, nkt = (L + BN - 1) / BN;
-  const Task task = decode(P.first, H, nqt);
+  const int nqt = (L + BM - 1) / BM;
+  const Task task = decode(P.first, H, nqt, nqt);
   const FwdBranch<T> Bp = task.br == 0 ? P.br[0] : P.br[1];
-  const int D = Bp.D, i0 = task.tile * BM;
+  const int D = Bp.D, i0 = task.tile * BM, S = EXT ? Bp.S : L, nkt = (S + BN - 1) / BN;
+  const gptr<const bool> drop = EXT ? mask_row(Bp.drop, Bp.drop_bs, task.b) : gptr<const bool>();
   const int64_t bh = int64_t(task.b) * H + task.h;  // row block of the (B, H, L) row vectors
   const int64_t bk = Bp.Bk == 1 ? 0 : task.b;       // key batch
   const gptr<const T> q = slab(Bp.q, Bp.sq, task.b, task.h);
@@ -211,26 +275,33 @@ __global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
   for (int kt = 0; kt < nkt; ++kt) {
     const int j0 = kt * BN;
     __syncthreads();  // the previous V tile is no longer read
-    load_tile<T, DMAX, BN>(KVs, k, Bp.sk.l, j0, L, D);
+    load_tile<T, DMAX, BN>(KVs, k, Bp.sk.l, j0, S, D);
+    if (EXT) load_keys<BN>(krow, kcol, kdead, j0, cols, L, S, drop);
     __syncthreads();
     float s[MA][NB];
     tile_dot<DMAX, MA, NB>(s, Qs, KVs, ty, tx);
 #pragma unroll
     for (int a = 0; a < MA; ++a)
 #pragma unroll
-      for (int b = 0; b < NB; ++b) s[a][b] = (j0 + tx + 16 * b < L) ? scale * s[a][b] : -INFINITY;
+      for (int b = 0; b < NB; ++b) {
+        const bool live = EXT ? kdead[tx + 16 * b] == 0.0f : j0 + tx + 16 * b < L;
+        s[a][b] = live ? scale * s[a][b] : -INFINITY;
+      }
 #pragma unroll
     for (int a = 0; a < MA; ++a) {
       float mx = s[a][0];
 #pragma unroll
       for (int b = 1; b < NB; ++b) mx = fmaxf(mx, s[a][b]);
       mx = hmax16(mx);
-      const float mnew = fmaxf(m[a], mx);  // finite: every key tile holds at least one key
-      const float alpha = expf(m[a] - mnew);
+      // Plain: finite, every key tile holds at least one key. EXT: -inf while every key so far was masked;
+      // the shift is then 0 (alpha = 0 over l = 0, p = 0).
+      const float mnew = fmaxf(m[a], mx);
+      const float mref = (EXT && mnew == -INFINITY) ? 0.0f : mnew;
+      const float alpha = expf(m[a] - mref);
       float sum = 0.0f;
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
-        const float p = expf(s[a][b] - mnew);  // 0 for the masked keys
+        const float p = expf(s[a][b] - mref);  // 0 for the masked keys
         Ps[(ty + 16 * a) * SP + tx + 16 * b] = p;
         sum += p;
       }
@@ -241,7 +312,7 @@ __global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
       for (int c = 0; c < NC; ++c) o[a][c] *= alpha;
     }
     __syncthreads();  // K no longer read, P complete
-    load_tile<T, DMAX, BN>(KVs, v, Bp.sv.l, j0, L, D);
+    load_tile<T, DMAX, BN>(KVs, v, Bp.sv.l, j0, S, D);
     __syncthreads();
 #pragma unroll 4
     for (int jj = 0; jj < BN; ++jj) {
@@ -282,11 +353,16 @@ __global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
     rw[a] = make_row<T>(i, cols, lse[a], slab(Bp.sigma, Bp.ss, task.b, task.h), Bp.ss.l, Bp.logz + bh * L);
     kl[a] = en[a] = r1[a] = r2[a] = 0.0f;
   }
+  if (EXT)  // read after the __syncthreads that opens the key loop
+    for (int ii = tid; ii < BM; ii += NT) rlm[ii] = Bp.lmax[bh * L + min(i0 + ii, L - 1)];
   for (int kt = 0; kt < nkt; ++kt) {
     const int j0 = kt * BN;
     __syncthreads();
-    load_tile<T, DMAX, BN>(KVs, k, Bp.sk.l, j0, L, D);
-    load_coords<BN>(krow, kcol, j0, cols);
+    load_tile<T, DMAX, BN>(KVs, k, Bp.sk.l, j0, S, D);
+    if (EXT)
+      load_keys<BN>(krow, kcol, kdead, j0, cols, L, S, drop);
+    else
+      load_coords<BN>(krow, kcol, j0, cols);
     __syncthreads();
     float s[MA][NB];
     tile_dot<DMAX, MA, NB>(s, Qs, KVs, ty, tx);
@@ -295,8 +371,9 @@ __global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
         const int jj = tx + 16 * b;
-        if (j0 + jj < L) {
-          const Elem e = element(scale * s[a][b], rw[a], krow[jj], kcol[jj], P.eps);
+        if (EXT ? kdead[jj] == 0.0f : j0 + jj < L) {
+          const Elem e = element<EXT>(scale * s[a][b], rw[a], krow[jj], kcol[jj], P.eps,
+                                      EXT ? rlm[ty + 16 * a] : 0.0f);
           kl[a] += i2c::kl_elem<float>(e.p, e.t, e.g);
           en[a] += i2c::ent_elem<float>(e.p, e.g);
           r1[a] += i2c::r1_elem<float>(e.p, e.t, e.g);
@@ -317,14 +394,26 @@ __global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
   }
 }
 
+template <typename T, int DMAX, int BM, int BN>
+__global__ void __launch_bounds__(NT) fwd_kernel(FwdParams<T> P) {
+  fwd_block<T, DMAX, BM, BN, false>(P);
+}
+
+// (NT, 1): capped at 128 registers (ptxas's choice without the minimum), the D = 128 variant spilled 16
+// bytes on sm_90; with it, no stack.
+template <typename T, int DMAX, int BM, int BN>
+__global__ void __launch_bounds__(NT, 1) fwd_ext_kernel(FwdParams<T> P) {
+  fwd_block<T, DMAX, BM, BN, true>(P);
+}
+
 // ---------------------------------------------------------------------------------------
 // Backward, query side: dq and dsigma.
 // ---------------------------------------------------------------------------------------
 template <int DMAX, int BM, int BN> constexpr size_t dq_smem() {
-  return sizeof(float) * (2 * size_t(BM + BN) * (DMAX + 1) + size_t(BM) * (BN + 1) + 2 * BN);
+  return sizeof(float) * (2 * size_t(BM + BN) * (DMAX + 1) + size_t(BM) * (BN + 1) + 3 * BN + BM);
 }
 
-template <typename T, int DMAX, int BM, int BN>
+template <typename T, int DMAX, int BM, int BN, bool EXT>
 __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
   constexpr int MA = BM / 16, NB = BN / 16, NC = DMAX / 16, SQ = DMAX + 1, SP = BN + 1;
   static_assert(BM % 16 == 0 && BN % 16 == 0 && DMAX % 16 == 0, "tiles are multiples of 16");
@@ -336,12 +425,15 @@ __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
   float* DSs = Vs + BN * SQ;   // BM x SP
   float* krow = DSs + BM * SP; // BN
   float* kcol = krow + BN;     // BN
+  float* kdead = kcol + BN;    // BN (EXT)
+  float* rlm = kdead + BN;     // BM: lmax of the tile's rows (EXT)
 
   const int L = P.L, H = P.H, cols = P.cols;
-  const int nqt = (L + BM - 1) / BM, nkt = (L + BN - 1) / BN;
-  const Task task = decode(P.first, H, nqt);
+  const int nqt = (L + BM - 1) / BM;
+  const Task task = decode(P.first, H, nqt, nqt);
   const BwdBranch<T> Bp = task.br == 0 ? P.br[0] : P.br[1];
-  const int D = Bp.D, i0 = task.tile * BM;
+  const int D = Bp.D, i0 = task.tile * BM, S = EXT ? Bp.S : L, nkt = (S + BN - 1) / BN;
+  const gptr<const bool> drop = EXT ? mask_row(Bp.drop, Bp.drop_bs, task.b) : gptr<const bool>();
   const int64_t bh = int64_t(task.b) * H + task.h;  // row block of the (B, H, L) row vectors
   const int64_t bk = Bp.Bk == 1 ? 0 : task.b;       // key batch
   const gptr<const T> k = slab(Bp.k, Bp.sk, bk, task.h);
@@ -368,13 +460,18 @@ __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
 #pragma unroll
     for (int c = 0; c < NC; ++c) acc[a][c] = 0.0f;
   }
+  if (EXT)  // read after the __syncthreads that opens the key loop
+    for (int ii = tid; ii < BM; ii += NT) rlm[ii] = Bp.lmax[bh * L + min(i0 + ii, L - 1)];
 
   for (int kt = 0; kt < nkt; ++kt) {
     const int j0 = kt * BN;
     __syncthreads();
-    load_tile<T, DMAX, BN>(Ks, k, Bp.sk.l, j0, L, D);
-    load_tile<T, DMAX, BN>(Vs, v, Bp.sv.l, j0, L, D);
-    load_coords<BN>(krow, kcol, j0, cols);
+    load_tile<T, DMAX, BN>(Ks, k, Bp.sk.l, j0, S, D);
+    load_tile<T, DMAX, BN>(Vs, v, Bp.sv.l, j0, S, D);
+    if (EXT)
+      load_keys<BN>(krow, kcol, kdead, j0, cols, L, S, drop);
+    else
+      load_coords<BN>(krow, kcol, j0, cols);
     __syncthreads();
     float s[MA][NB], gv[MA][NB];
     tile_dot<DMAX, MA, NB>(s, Qs, Ks, ty, tx);
@@ -385,8 +482,9 @@ __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
       for (int b = 0; b < NB; ++b) {
         const int jj = tx + 16 * b;
         float ds = 0.0f;
-        if (j0 + jj < L) {
-          const Elem e = element(scale * s[a][b], rw[a], krow[jj], kcol[jj], eps);
+        if (EXT ? kdead[jj] == 0.0f : j0 + jj < L) {
+          const Elem e = element<EXT>(scale * s[a][b], rw[a], krow[jj], kcol[jj], eps,
+                                      EXT ? rlm[ty + 16 * a] : 0.0f);
           ds = i2c::ds_elem<float>(e.p, e.t, gv[a][b], dfull[a], g_kl_attn[a], g_ent[a], e.g);
           const float tw = i2c::tw_elem<float>(e.p, e.t, e.g);
           const float dy = rw[a].qr - krow[jj], dx = rw[a].qc - kcol[jj];
@@ -442,12 +540,12 @@ __global__ void __launch_bounds__(NT) dq_kernel(BwdParams<T> P) {
 // and queries tx + 16 b of the score tile, and rows ty + 16 a of dk, dv.
 // ---------------------------------------------------------------------------------------
 template <int DMAX, int BM, int BN> constexpr size_t dkdv_smem() {
-  return sizeof(float) * (2 * size_t(BM + BN) * (DMAX + 1) + 2 * size_t(BN) * (BM + 1) + 9 * BM + 2 * BN);
+  return sizeof(float) * (2 * size_t(BM + BN) * (DMAX + 1) + 2 * size_t(BN) * (BM + 1) + 10 * BM + 3 * BN);
 }
 
 // (NT, 1): one resident block per SM is enough. Without the minimum, ptxas 13 for sm_80 caps the D = 128
 // variant at 80 registers and spills 52 bytes; with it: 141 registers, no stack (sm_90 is unchanged).
-template <typename T, int DMAX, int BM, int BN>
+template <typename T, int DMAX, int BM, int BN, bool EXT>
 __global__ void __launch_bounds__(NT, 1) dkdv_kernel(BwdParams<T> P) {
   constexpr int KA = BN / 16, QB = BM / 16, NC = DMAX / 16, SQ = DMAX + 1, ST = BM + 1;
   static_assert(BM % 16 == 0 && BN % 16 == 0 && DMAX % 16 == 0, "tiles are multiples of 16");
@@ -467,20 +565,23 @@ __global__ void __launch_bounds__(NT, 1) dkdv_kernel(BwdParams<T> P) {
   float* rdf = rlz + BM;
   float* ra = rdf + BM;
   float* re = ra + BM;
-  float* krow = re + BM;        // BN
+  float* rlm = re + BM;         // lmax (EXT)
+  float* krow = rlm + BM;       // BN
   float* kcol = krow + BN;      // BN
+  float* kdead = kcol + BN;     // BN (EXT)
 
   const int L = P.L, H = P.H, B = P.B, cols = P.cols;
-  const int nqt = (L + BM - 1) / BM, nkt = (L + BN - 1) / BN;
-  const Task task = decode(P.first, H, nkt);  // task.b is the key batch bk
+  const int nqt = (L + BM - 1) / BM;
+  const int S0 = EXT ? P.br[0].S : L, S1 = EXT ? P.br[1].S : L;
+  const Task task = decode(P.first, H, (S0 + BN - 1) / BN, (S1 + BN - 1) / BN);  // task.b is the key batch bk
   const BwdBranch<T> Bp = task.br == 0 ? P.br[0] : P.br[1];
-  const int D = Bp.D, j0 = task.tile * BN;
+  const int D = Bp.D, j0 = task.tile * BN, S = EXT ? Bp.S : L;
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const float scale = P.scale, eps = P.eps;
 
-  load_tile<T, DMAX, BN>(Ks, slab(Bp.k, Bp.sk, task.b, task.h), Bp.sk.l, j0, L, D);
-  load_tile<T, DMAX, BN>(Vs, slab(Bp.v, Bp.sv, task.b, task.h), Bp.sv.l, j0, L, D);
-  load_coords<BN>(krow, kcol, j0, cols);
+  load_tile<T, DMAX, BN>(Ks, slab(Bp.k, Bp.sk, task.b, task.h), Bp.sk.l, j0, S, D);
+  load_tile<T, DMAX, BN>(Vs, slab(Bp.v, Bp.sv, task.b, task.h), Bp.sv.l, j0, S, D);
+  if (!EXT) load_coords<BN>(krow, kcol, j0, cols);
 
   float dk[KA][NC], dv[KA][NC];
 #pragma unroll
@@ -499,10 +600,12 @@ __global__ void __launch_bounds__(NT, 1) dkdv_kernel(BwdParams<T> P) {
       __syncthreads();  // the previous tiles are no longer read
       load_tile<T, DMAX, BM>(Qs, q, Bp.sq.l, i0, L, D);
       load_tile<T, DMAX, BM>(Gs, g_out, Bp.sgo.l, i0, L, D);
+      if (EXT) load_keys<BN>(krow, kcol, kdead, j0, cols, L, S, mask_row(Bp.drop, Bp.drop_bs, b));  // per batch
       for (int ii = tid; ii < BM; ii += NT) {
         const int i = min(i0 + ii, L - 1);  // padding rows compute on a real row, masked below
         const int64_t r = bh * L + i;
         const Row rw = make_row<T>(i, cols, Bp.lse[r], sigma, Bp.ss.l, Bp.logz + bh * L);
+        rlm[ii] = EXT ? Bp.lmax[r] : 0.0f;
         rl[ii] = rw.lse;
         rqr[ii] = rw.qr;
         rqc[ii] = rw.qc;
@@ -523,9 +626,9 @@ __global__ void __launch_bounds__(NT, 1) dkdv_kernel(BwdParams<T> P) {
         for (int qb = 0; qb < QB; ++qb) {
           const int jj = ty + 16 * a, ii = tx + 16 * qb;
           float p = 0.0f, ds = 0.0f;
-          if (j0 + jj < L && i0 + ii < L) {
+          if ((EXT ? kdead[jj] == 0.0f : j0 + jj < L) && i0 + ii < L) {
             const Row rw{rl[ii], rqr[ii], rqc[ii], rcy[ii], rcx[ii], rlz[ii]};
-            const Elem e = element(scale * s[a][qb], rw, krow[jj], kcol[jj], eps);
+            const Elem e = element<EXT>(scale * s[a][qb], rw, krow[jj], kcol[jj], eps, rlm[ii]);
             p = e.p;
             ds = i2c::ds_elem<float>(e.p, e.t, gv[a][qb], rdf[ii], ra[ii], re[ii], e.g);
           }
@@ -557,7 +660,7 @@ __global__ void __launch_bounds__(NT, 1) dkdv_kernel(BwdParams<T> P) {
 #pragma unroll
   for (int a = 0; a < KA; ++a) {
     const int j = j0 + ty + 16 * a;
-    if (j < L) {
+    if (j < S) {
       const gptr<T> dkrow = slab(Bp.dk, Bp.sdk, task.b, task.h) + j * Bp.sdk.l;
       const gptr<T> dvrow = slab(Bp.dv, Bp.sdv, task.b, task.h) + j * Bp.sdv.l;
 #pragma unroll

@@ -24,11 +24,13 @@ struct Strides {
 template <typename T> struct FwdBranch {
   gptr<const T> q, k, v;
   gptr<const float> sigma;
-  gptr<const float> logz;
+  gptr<const float> logz, lmax;  // lmax: extended launches only (see LogzParams)
   gptr<T> out;
   gptr<float> lse, kl, ent, r1, r2;
+  gptr<const bool> drop;  // key_padding_mask (1 or B, S), True = ignore; null: none (extended launches only)
   Strides sq, sk, sv, ss, so;
-  int Bk, D;
+  int64_t drop_bs;  // batch stride of drop: 0 for a (1, S) mask
+  int Bk, D, S;     // S: keys, n_img * L (= L in the plain launches)
   bool need;
 };
 
@@ -44,11 +46,13 @@ template <typename T> struct FwdParams {
 // g_kl_prior, g_ent; dfull = <g_out, out> + g_kl_attn * r1 + g_ent * r2 (spec section 3).
 template <typename T> struct BwdBranch {
   gptr<const T> q, k, v, g_out;
-  gptr<const float> sigma, g_kl_attn, g_kl_prior, g_ent, dfull, lse, logz;
+  gptr<const float> sigma, g_kl_attn, g_kl_prior, g_ent, dfull, lse, logz, lmax;
   gptr<T> dq, dk, dv;
   gptr<float> dsigma;
+  gptr<const bool> drop;
   Strides sq, sk, sv, ss, sgo, sdq, sdk, sdv, sds;
-  int Bk, D;
+  int64_t drop_bs;
+  int Bk, D, S;
 };
 
 template <typename T> struct BwdParams {
@@ -59,10 +63,17 @@ template <typename T> struct BwdParams {
   float scale, eps;
 };
 
+// The prior's normaliser per query row. Plain launches (S = L, no mask): logz = log Z_i of the separable
+// prior, log t = l - logz. Extended launches (a key_padding_mask or S = n_img * L): lmax = the largest l of a
+// kept key and logz = log sum exp(l - lmax) over the kept keys, log t = (l - lmax) - logz, in that order, as
+// the CPU kernels (folding lmax into logz would cost ulp(|l|) in every log t when the own position is masked).
 template <typename T> struct LogzParams {
   gptr<const float> sigma[MAX_BRANCH];
   Strides ss[MAX_BRANCH];
-  gptr<float> logz[MAX_BRANCH];
+  gptr<float> logz[MAX_BRANCH], lmax[MAX_BRANCH];
+  gptr<const bool> drop[MAX_BRANCH];
+  int64_t drop_bs[MAX_BRANCH];
+  int S[MAX_BRANCH];
   int64_t n;  // B * H * L per branch
   int nbranch, H, L, rows, cols;
 };

@@ -14,9 +14,14 @@
 
 namespace i2c {
 template __global__ void fwd_kernel<float, 32, 64, 64>(FwdParams<float>);
-template __global__ void dq_kernel<float, 64, 64, 64>(BwdParams<float>);
-template __global__ void dkdv_kernel<float, 128, 64, 32>(BwdParams<float>);
-template __global__ void logz_kernel<float>(LogzParams<float>);
+template __global__ void dq_kernel<float, 64, 64, 64, false>(BwdParams<float>);
+template __global__ void dkdv_kernel<float, 128, 64, 32, false>(BwdParams<float>);
+template __global__ void logz_kernel<float, false>(LogzParams<float>);
+// the extended variants (key_padding_mask, S = n_img * L)
+template __global__ void fwd_ext_kernel<float, 32, 64, 64>(FwdParams<float>);
+template __global__ void dq_kernel<float, 64, 64, 64, true>(BwdParams<float>);
+template __global__ void dkdv_kernel<float, 128, 64, 32, true>(BwdParams<float>);
+template __global__ void logz_kernel<float, true>(LogzParams<float>);
 }  // namespace i2c
 
 using i2c::gptr;

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fod_kernels as fk
@@ -22,6 +22,7 @@ from fod_kernels._custom_op import make_kernel_op
 from helpers import assert_backends_agree, assert_fa_rule, backend_fn, check_backend, make_branch, \
     opcheck_strided, reference_fn, upstream, values_and_grads
 from fod_kernels.reference import correlation_reference
+from test_mask_memory_kernels import masked_case
 
 gpu = pytest.mark.gpu
 
@@ -349,6 +350,98 @@ def test_sim_strided_inputs_bitwise_and_in_place(sim_backend, shared):
     assert {t.data_ptr() for t in leaves} | {g_out.data_ptr()} <= seen, "a strided input was copied"
     assert all(t.is_contiguous() for t in got)  # outputs are contiguous, as the op's fake says
     opcheck_strided(run)
+
+
+def _sim_masked_fn(run, grid, eps, mask):
+    def fn(q, k, v, s):
+        (out, kl_attn, kl_prior, ent), = run([(q, k, v, s.float())], *grid, q.shape[-1] ** -0.5, eps, [True], [mask])
+        return out, kl_attn, kl_prior, ent
+    return fn
+
+
+def _sim_masked_check(run, branch, grid, eps, mask, dtype, label):
+    """Values and all four gradients of the simulated kernels (through backend_cuda's Python layer) against
+    the float64 reference, FlashAttention's rule; a key masked for every query that reads it gets exactly
+    zero dk, dv."""
+    ups = upstream(branch[0], 3)
+    ref = lambda q, k, v, s: correlation_reference(q, k, v, s, grid, eps=eps, key_padding_mask=mask)  # noqa: E731
+    ref64 = values_and_grads(ref, tuple(t.double() for t in branch), ups)
+    ref_lp = values_and_grads(ref, tuple(t.to(dtype) for t in branch), ups)
+    got = values_and_grads(_sim_masked_fn(run, grid, eps, mask), tuple(t.to(dtype) for t in branch), ups)
+    assert torch.equal(got["kl"], got["kl_prior"])
+    assert_fa_rule(got, ref_lp, ref64, dtype, label=label)
+    if mask is not None:
+        B, Bk = branch[0].shape[0], branch[1].shape[0]
+        full = mask.expand(B, -1)
+        km = (full if Bk == B else full.all(0, keepdim=True))[:, None, :, None]
+        for n in ("dk", "dv"):
+            assert (got[n] * km).abs().max() == 0, n
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None)
+@given(grid=st.sampled_from([(1, 5), (3, 4), (5, 5), (9, 9), (2, 37)]), B=st.integers(1, 3), H=st.integers(1, 2),
+       D=st.sampled_from([16, 40, 70]), m=st.integers(1, 3), shared=st.booleans(),
+       mask_kind=st.sampled_from(["none", "shared", "per_batch", "expanded"]), eps=st.sampled_from([1e-4, 0.0]),
+       low=st.booleans(), sigma=st.sampled_from([(0.1, 2.0), (1e-5, 2.0), (0.5, 3.0)]), seed=st.integers(0, 2 ** 16))
+@example(grid=(9, 9), B=2, H=2, D=16, m=3, shared=True, mask_kind="per_batch", eps=0.0, low=False, sigma=(0.1, 2.0),
+         seed=0)  # S = 243: four key tiles, the last partial; per-batch masks in the batch-shared dk/dv loop
+@example(grid=(2, 37), B=2, H=1, D=70, m=2, shared=False, mask_kind="none", eps=1e-4, low=True, sigma=(0.5, 3.0),
+         seed=1)  # S = 2L, no mask; D bucket 128 (32-key backward tiles)
+@example(grid=(5, 5), B=3, H=1, D=40, m=1, shared=True, mask_kind="expanded", eps=1e-4, low=False,
+         sigma=(1e-5, 2.0), seed=2)  # S = L with a mask, widths down to 1e-5 (a masked own cell)
+def test_sim_masked_multi_image_matches_reference(sim_backend, grid, B, H, D, m, shared, mask_kind, eps, low, sigma,
+                                                  seed):
+    """The cuda kernels' extended variant: key_padding_mask (none, (1, S), (B, S), (1, S) expanded) and
+    S = m * L keys, Bk = 1 or B, every head-dim bucket, float32 and bfloat16, against the float64 reference."""
+    run, _ = sim_backend
+    branch, mask = masked_case(grid, B, H, D, m, shared, mask_kind, seed, sigma)
+    dtype = torch.bfloat16 if low else torch.float32
+    _sim_masked_check(run, branch, grid, eps, mask, dtype,
+                      f"sim grid={grid} B={B} D={D} m={m} shared={shared} mask={mask_kind} eps={eps} {dtype}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False])
+def test_sim_fully_masked_key_tiles(sim_backend, shared):
+    """Whole 64-key tiles masked (the first, so the online softmax starts at -inf, and one in the middle), per
+    batch, with S = 3L: the tiles that hold no kept key add nothing and produce no NaN."""
+    run, _ = sim_backend
+    grid, B, m = (9, 9), 2, 3
+    branch, _ = masked_case(grid, B, 2, 16, m, shared, "none", 5)
+    mask = torch.zeros(B, m * 81, dtype=torch.bool)
+    mask[0, :128] = True  # key tiles 0 and 1
+    mask[1, 64:192] = True  # key tiles 1 and 2
+    mask[1, 200] = True
+    _sim_masked_check(run, branch, grid, 1e-4, mask, torch.float32, f"sim fully masked tiles shared={shared}")
+
+
+@pytest.mark.slow
+def test_sim_fused_masked_branches_equal_single_calls(sim_backend):
+    """Both branches in one launch with different S (L and 3L: different key-tile counts in dk/dv) and
+    different masks = two single-branch calls, bitwise."""
+    run, _ = sim_backend
+    grid = (9, 9)
+    (q, k, v, s), mi = masked_case(grid, 2, 2, 16, 1, False, "per_batch", 5)
+    (qr, kr, vr, sr), me = masked_case(grid, 2, 2, 16, 3, True, "shared", 6)
+    leaves = [t.float().clone().requires_grad_(True) for t in (q, k, v, s, qr, kr, vr, sr)]
+    fused = run([leaves[:4], leaves[4:]], *grid, 0.25, 1e-4, [True, True], [mi, me])
+    ups = [upstream(q, 7), upstream(qr, 8)]
+    loss = sum((o.double() * g).sum() + (a_.double() * a).sum() + (b_.double() * b).sum() + (e_.double() * e).sum()
+               for (o, a_, b_, e_), (g, a, b, e) in zip(fused, ups))
+    grads = torch.autograd.grad(loss, leaves)
+    for i, (br, mask) in enumerate((((q, k, v, s), mi), ((qr, kr, vr, sr), me))):
+        single = values_and_grads(_sim_masked_fn(run, grid, 1e-4, mask), tuple(t.float() for t in br), ups[i])
+        for j, n in enumerate(("out", "kl", "kl_prior", "ent")):
+            assert torch.equal(single[n], fused[i][j].detach().double()), (i, n)
+        for j, n in enumerate(("dq", "dk", "dv", "dsigma")):
+            assert torch.equal(single[n], grads[4 * i + j].double()), (i, n)
+
+
+@pytest.mark.slow
+def test_sim_masked_opcheck(sim_backend):
+    run, _ = sim_backend
+    opcheck_strided(run, masked=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """key_padding_mask and a memory of m reference images (S = m * L): the reference backend against an
 independent explicit float64 computation, properties that tie them to the unmasked single-image operator,
-and the clear refusal of the kernel backend that does not implement them yet (cuda). The cpu kernels'
-own property tests against the reference are in test_mask_memory_kernels.py."""
+and that every backend takes them. The kernels' own property tests against the reference are in
+test_mask_memory_kernels.py (the cuda kernels' simulation: test_cuda.py)."""
 import math
-import warnings
+import re
 
 import pytest
 import torch
@@ -140,35 +140,28 @@ def test_bad_masks(mutate, exc, words):
                                  key_padding_mask=mutate(random_mask(2, 12, 0)))
 
 
-@pytest.mark.skipif(not HAS_CPU, reason="cpu backend not built")
-def test_cuda_backend_refuses_and_auto_picks_an_extended_backend(monkeypatch):
+def test_every_backend_takes_masks_and_memories():
+    """Since the cuda kernels have their extended variant, every backend implements them: 'auto' never
+    diverts such a call, and an explicit backend fails (where it fails) for the same reason as without them."""
+    from fod_kernels._backends import BACKENDS
+    assert set(F.EXTENDED_BACKENDS) == set(BACKENDS)
     q, k, v, sigma = make_branch(2, 2, 12, 8, 1, seed=1)
     mask = random_mask(2, 12, 0)
     k2, v2 = k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1)
-    for backend in ("cuda",):
-        with pytest.raises(NotImplementedError, match=r"key_padding_mask.*\('reference', 'cpu', 'triton'\)"):
-            fk.correlation_attention(q, k, v, sigma, (3, 4), backend=backend, key_padding_mask=mask)
-        with pytest.raises(NotImplementedError, match=r"several images.*\('reference', 'cpu', 'triton'\)"):
-            fk.correlation_attention(q, k2, v2, sigma, (3, 4), backend=backend)
-    for kernel in ("cuda",):  # called directly, the kernels refuse too (never a silent wrong answer)
-        run = pytest.importorskip(f"fod_kernels.backend_{kernel}")
-        with pytest.raises(NotImplementedError, match="key_padding_mask"):
-            run.fwd([q], [k], [v], [sigma], 3, 4, 0.5, 1e-4, [True], [mask])
-        with pytest.raises(NotImplementedError, match="several images"):
-            row = [q[..., 0]]
-            run.bwd([q], row, row, row, row, [q], [k2], [v2], [sigma], row, 3, 4, 0.5, 1e-4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # on the CPU, auto takes the cpu kernels, which implement both
-        out, st_ = fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=mask)
-    assert torch.equal(out, fk.correlation_attention(q, k, v, sigma, (3, 4), backend="cpu", key_padding_mask=mask)[0])
-    # where auto would pick a kernel without them (a GPU), it uses the reference, with one warning
-    monkeypatch.setattr(F, "resolve_backend_name", lambda backend, device_type: "cuda")
-    F._warned.clear()
-    with pytest.warns(RuntimeWarning, match="'auto' uses the materialising 'reference'"):
-        out, st_ = fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=mask)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once only
-        fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=mask)
-    want = correlation_reference(q, k, v, sigma, (3, 4), key_padding_mask=mask)
-    torch.testing.assert_close(out, want[0])
-    torch.testing.assert_close(st_.kl_attn, want[1])
+    ok, why = fk.available_backends()["cuda"]
+    expected = why if not ok else "cannot run on cpu"  # CPU tensors
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        fk.correlation_attention(q, k, v, sigma, (3, 4), backend="cuda", key_padding_mask=mask)
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        fk.correlation_attention(q, k2, v2, sigma, (3, 4), backend="cuda")
+
+
+def test_a_backend_without_masks_would_refuse(monkeypatch):
+    """The guard for a future backend outside EXTENDED_BACKENDS: a clear error, never a silent wrong answer."""
+    q, k, v, sigma = make_branch(2, 2, 12, 8, 1, seed=1)
+    monkeypatch.setattr(F, "EXTENDED_BACKENDS", ("reference",))
+    monkeypatch.setattr(F, "resolve_backend_name", lambda backend, device_type: "cpu")
+    with pytest.raises(NotImplementedError, match=r"key_padding_mask is not implemented by the 'cpu' backend"):
+        fk.correlation_attention(q, k, v, sigma, (3, 4), key_padding_mask=random_mask(2, 12, 0))
+    with pytest.raises(NotImplementedError, match=r"several images"):
+        fk.correlation_attention(q, k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1), sigma, (3, 4))
