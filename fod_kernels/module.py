@@ -138,7 +138,7 @@ class I2Correlation(nn.Module):
 
         ``key_padding_mask`` (1 or B, L) and ``key_padding_mask_ref`` (1 or B,
         S), bool, True = ignore that key, mask the intra and inter branch's
-        keys (backends 'reference', 'cpu' and 'triton': functional.EXTENDED_BACKENDS).
+        keys (every backend: functional.EXTENDED_BACKENDS).
 
         With one branch (``branches``), h = x + branch_out and ``ref`` may be
         None when that branch is "intra".
