@@ -7,7 +7,7 @@ Public API:
     sigma_from_logits(z, sigma_max=2.0)             # the module's width parametrisation, in tokens
     available_backends()                            # {name: (available, reason)}
     SIGMA_MIN                                       # widths below it (tokens) are raised to it
-The formulas are in correlation_attention's docstring; the specification is shared/I2CORRELATION.md.
+The formulas are in correlation_attention's docstring; the specification is docs/I2CORRELATION.md.
 """
 from ._backends import BACKENDS, BackendStatus, available_backends
 from ._validate import SIGMA_MIN
