@@ -29,6 +29,18 @@ if PROFILE not in ("ci", "gpu", "long"):
 settings.load_profile(PROFILE)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """FOD_THREADS=1 for the runs of a module (fod sets torch's thread count from it), restored afterwards.
+    Modules take it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``: it is then set up before
+    their other module fixtures."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FOD_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 def _scale_examples(item):
     """Under the long profile, multiply a test's own @settings(max_examples=N) too (it overrides the profile)."""
     fn = getattr(item, "obj", None)

@@ -124,17 +124,8 @@ def _assert_same_weights(a: dict, b: dict, atol=1e-5):
     assert worst <= atol, worst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The single-process runs in this process use one thread, as each torchrun process does."""
-    old_env, old_threads = os.environ.get("FOD_THREADS"), torch.get_num_threads()
-    os.environ["FOD_THREADS"] = "1"
-    yield
-    if old_env is None:
-        del os.environ["FOD_THREADS"]
-    else:
-        os.environ["FOD_THREADS"] = old_env
-    torch.set_num_threads(old_threads)
+# The single-process runs in this process use one thread, as each torchrun process does.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

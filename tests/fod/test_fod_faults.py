@@ -36,18 +36,9 @@ def _train(data, out, *extra):
     return _main("train", "--data", data, "--output", out, *TINY, *extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for every run of this module: the kill test forks children, and GNU OpenMP hangs in a
-    forked child that starts a parallel region; the runs it compares bit for bit must use the same count."""
-    old_env, old_threads = os.environ.get("FOD_THREADS"), torch.get_num_threads()
-    os.environ["FOD_THREADS"] = "1"
-    yield
-    if old_env is None:
-        del os.environ["FOD_THREADS"]
-    else:
-        os.environ["FOD_THREADS"] = old_env
-    torch.set_num_threads(old_threads)
+# One torch thread for every run of this module: the kill test forks children, and GNU OpenMP hangs in a
+# forked child that starts a parallel region; the runs it compares bit for bit must use the same count.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
