@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("FOD_KERNELS_QUIET", "1")
 
 import providers as P  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 CPU_BATCHES = {"l2": (1, 2), "l3": (1, 2, 8)}
 GPU_BATCHES = {"l2": (1, 8, 32), "l3": (1, 8, 32)}
@@ -175,7 +176,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import fod_kernels
     info = {"load_average_at_end": list(os.getloadavg()), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "cpu_model": _cpu_model(),
+            "platform": platform.platform(), "cpu_model": cpu_model(),
             "backends": {k: [bool(v.available), v.reason] for k, v in fod_kernels.available_backends().items()}}
     try:
         import triton
@@ -186,13 +187,3 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
     machine_info["fod"] = info
-
-
-def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

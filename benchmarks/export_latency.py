@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from fod import export as E  # noqa: E402
 from fod_kernels import available_backends  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def timed(fn, x, warmup: int, repeats: int) -> list[float]:
@@ -46,16 +47,6 @@ def timed(fn, x, warmup: int, repeats: int) -> list[float]:
         fn(x)
         out.append(time.perf_counter() - t)
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -124,7 +115,7 @@ def main(argv=None) -> int:
             "note": args.note, "checkpoint": str(args.checkpoint),
             "model": {"backbone": cfg.backbone, "levels": model.fod.backbone.levels, "image_size": s,
                       "d_model": model.fod.d_models, "heads": cfg.n_heads, "layers": cfg.n_layers},
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                         "load_average_at_start": os.getloadavg()},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
                          "python": platform.python_version()},
