@@ -120,8 +120,11 @@ bool extended(const std::vector<at::Tensor>& masks, const std::vector<at::Tensor
   return ext;
 }
 
-bool has_mask(const std::vector<at::Tensor>& masks, size_t i) {
-  return !masks.empty() && masks[i].defined() && masks[i].numel() > 0;
+// Branch i's mask as the kernels read it, when it has one: the pointer and the batch stride (0 for (1, S)).
+void set_mask(const std::vector<at::Tensor>& masks, size_t i, i2c::gptr<const bool>& drop, int64_t& drop_bs) {
+  if (masks.empty() || !masks[i].defined() || masks[i].numel() == 0) return;
+  drop = gmem<const bool>(masks[i]);
+  drop_bs = masks[i].size(0) == 1 ? 0 : masks[i].size(1);
 }
 
 // (batch, head, row) strides; batch stride 0 for a batch-shared memory (batch 1).
@@ -149,10 +152,7 @@ void launch_logz(const std::vector<at::Tensor>& sigmas, const std::vector<at::Te
     if (EXT) {
       Z.lmax[i] = gmem<float>(lmax[i]);
       Z.S[i] = int(ks[i].size(2));
-      if (has_mask(masks, size_t(i))) {
-        Z.drop[i] = gmem<const bool>(masks[i]);
-        Z.drop_bs[i] = masks[i].size(0) == 1 ? 0 : masks[i].size(1);
-      }
+      set_mask(masks, size_t(i), Z.drop[i], Z.drop_bs[i]);
     }
   }
   i2c::launch_logz<T, EXT>(Z, stream);
@@ -204,10 +204,7 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
     b.S = int(ks[i].size(2));
     if (EXT) {
       b.lmax = gmem<const float>(lmax[i]);
-      if (has_mask(masks, size_t(i))) {
-        b.drop = gmem<const bool>(masks[i]);
-        b.drop_bs = masks[i].size(0) == 1 ? 0 : masks[i].size(1);
-      }
+      set_mask(masks, size_t(i), b.drop, b.drop_bs);
     }
   }
   i2c::fwd_dispatch<T, EXT>(P, dmax, stream);
@@ -265,10 +262,7 @@ void backward_impl(const std::vector<at::Tensor>& g_outs, const std::vector<at::
     b.S = int(ks[i].size(2));
     if (EXT) {
       b.lmax = gmem<const float>(lmax[i]);
-      if (has_mask(masks, size_t(i))) {
-        b.drop = gmem<const bool>(masks[i]);
-        b.drop_bs = masks[i].size(0) == 1 ? 0 : masks[i].size(1);
-      }
+      set_mask(masks, size_t(i), b.drop, b.drop_bs);
     }
     bks[i] = ks[i].size(0);
   }
