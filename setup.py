@@ -8,7 +8,7 @@ against it). Environment:
     FOD_BUILD_CUDA   auto (default: when torch is a CUDA build and nvcc is found) | 1 (force) | 0 (skip)
     FOD_CUDA_ARCH    e.g. "80;90" (default), or TORCH_CUDA_ARCH_LIST "8.0;9.0": SASS for each, PTX for the newest
     FOD_PTXAS_VERBOSE=1  print registers, stack frame and spills of every CUDA kernel (-Xptxas -v)
-    FOD_CPU_ARCH     extra CPU flags (default -mavx2 -mfma when the build machine has them)
+    FOD_CPU_ARCH     extra flags for every CPU kernel variant (the variants: _build_flags.CPU_VARIANTS)
     CUDA_HOME        the toolkit folder holding lib64/libcudart.so (e.g. /usr/local/cuda)
     MAX_JOBS         parallel compile jobs (ninja)
 """
@@ -46,14 +46,26 @@ def extensions():
         srcs = [f"csrc/{s}" for s in sources]
         if not is_cuda:
             exts.append(ce.CppExtension(f"fod_kernels.{name}", srcs, include_dirs=inc, depends=headers,
-                                        extra_compile_args={"cxx": flags.cpu_flags()},
+                                        extra_compile_args={"cxx": flags.cpu_flags(flags.cpu_variant_of(name))},
                                         extra_link_args=flags.cpu_link_flags()))
         elif want == "0" or (want == "auto" and reason):
             print(f"fod_kernels: skipping the CUDA extension {name} ({reason or 'FOD_BUILD_CUDA=0'})")
         else:
             exts.append(ce.CUDAExtension(f"fod_kernels.{name}", srcs, include_dirs=inc, depends=headers,
                                          extra_compile_args={"cxx": ["-O3"], "nvcc": flags.cuda_flags()}))
-    return exts, ce.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(ce.BuildExtension):
+        """One object folder per extension: the CPU variants compile the same source with different flags."""
+
+        def build_extension(self, ext):
+            base = self.build_temp
+            self.build_temp = os.path.join(base, ext.name)
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = base
+
+    return exts, BuildExt.with_options(use_ninja=True)
 
 
 exts, build_ext = extensions()

@@ -5,35 +5,37 @@ from __future__ import annotations
 import os
 import platform
 
+_X86 = platform.machine() in ("x86_64", "AMD64")
+
+# The CPU kernels are compiled once per instruction-set variant, as ATen compiles its kernels: the same source
+# with the variant's flags into its own extension module, of which fod_kernels.backend_cpu imports the one it
+# picks at load (the widest the CPU runs, or FOD_CPU_CAPABILITY). A module of a variant the CPU cannot run is
+# never imported. name -> (extension module, flags). "default" is portable and always built.
+CPU_VARIANTS = {"default": ("_C", [])}
+if _X86:
+    CPU_VARIANTS["avx2"] = ("_C_avx2", ["-mavx2", "-mfma"])
+    # ATen's AVX512 set (F, BW, VL, DQ + FMA); 512-bit vectors (GCC otherwise prefers 256 bits for many -mtunes).
+    CPU_VARIANTS["avx512"] = ("_C_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2",
+                                            "-mfma", "-mprefer-vector-width=512"])
+
 # name -> (sources relative to csrc/, is_cuda). The only list of extension sources.
-EXTENSIONS = {
-    "_C": (["cpu/i2corr_cpu.cpp"], False),
-    "_C_cuda": (["cuda/i2corr_cuda.cu", "cuda/bindings.cpp"], True),
-}
+EXTENSIONS = {ext: (["cpu/i2corr_cpu.cpp"], False) for ext, _ in CPU_VARIANTS.values()}
+EXTENSIONS["_C_cuda"] = (["cuda/i2corr_cuda.cu", "cuda/bindings.cpp"], True)
 
 
-def _cpu_has(*flags: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return False
-    words = set(info.split())
-    return all(fl in words for fl in flags)
+def cpu_variant_of(ext: str) -> str:
+    """The CPU variant an extension module holds ("default" for _C)."""
+    return next(v for v, (e, _) in CPU_VARIANTS.items() if e == ext)
 
 
-def cpu_flags() -> list[str]:
-    """-O3, OpenMP SIMD pragmas (vectorised reductions without -ffast-math), and AVX2/FMA
-    when the build machine has them (FOD_CPU_ARCH overrides, e.g. "" or "-march=x86-64-v3")."""
+def cpu_flags(variant: str = "default") -> list[str]:
+    """-O3, OpenMP SIMD pragmas (vectorised reductions without -ffast-math) and the variant's instruction
+    set; FOD_CPU_ARCH adds flags to every variant (e.g. "-mtune=native")."""
     # -fopenmp: at::parallel_for is header code; without it an extension runs it on one thread.
     # No -std: torch picks its own (C++17 up to 2.12, C++20 from 2.13); the sources build as both.
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    arch = os.environ.get("FOD_CPU_ARCH")
-    if arch is not None:
-        flags += arch.split()
-    elif platform.machine() in ("x86_64", "AMD64") and _cpu_has("avx2", "fma"):
-        flags += ["-mavx2", "-mfma"]
-    return flags
+    # FOD_CPU_VARIANT: the variant's name inside the module (its VARIANT attribute, checked at load).
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", f"-DFOD_CPU_VARIANT={variant}"]
+    return flags + CPU_VARIANTS[variant][1] + os.environ.get("FOD_CPU_ARCH", "").split()
 
 
 def cpu_link_flags() -> list[str]:

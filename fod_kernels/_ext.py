@@ -46,10 +46,11 @@ def jit_build(name: str, verbose: bool = False):
     """Compile an extension with torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR)."""
     from torch.utils.cpp_extension import load as _load
 
-    from ._build_flags import cpu_flags, cpu_link_flags, cuda_flags
+    from ._build_flags import cpu_flags, cpu_link_flags, cpu_variant_of, cuda_flags
 
     sources, is_cuda = EXTENSIONS[name]
-    kw = dict(extra_cflags=cpu_flags(), extra_ldflags=cpu_link_flags(), extra_include_paths=[str(_CSRC)])
+    cflags = cpu_flags() if is_cuda else cpu_flags(cpu_variant_of(name))  # the CPU variant's own flags
+    kw = dict(extra_cflags=cflags, extra_ldflags=cpu_link_flags(), extra_include_paths=[str(_CSRC)])
     if is_cuda:
         kw["extra_cuda_cflags"] = cuda_flags()
     mod = _load(name=f"fod_kernels_{name.strip('_')}", sources=[str(_CSRC / s) for s in sources],

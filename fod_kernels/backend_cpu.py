@@ -2,20 +2,84 @@
 
 bfloat16/float16 inputs are computed in float32 (the CPU has no fast low-precision
 path worth the accuracy loss) and the results cast back to the input dtype.
+
+The kernels are built once per instruction-set variant (_build_flags.CPU_VARIANTS: default, avx2, avx512)
+and one is chosen at load, as ATen chooses its kernels: the widest the CPU runs (cpuid, asked of the portable
+module) among those built, or the one FOD_CPU_CAPABILITY names (default, avx2 or avx512; refused when the CPU
+cannot run it or it is not built). available_backends()["cpu"] and variant() say which runs.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from . import _ext
+from ._build_flags import CPU_VARIANTS
 from ._custom_op import make_kernel_op
 
 NATIVE = (torch.float32, torch.float64)
+ENV = "FOD_CPU_CAPABILITY"
+_selected: dict = {}  # FOD_CPU_CAPABILITY's value -> (variant, module, note)
+
+
+def runnable_variants() -> list[str]:
+    """The variants this CPU runs, narrowest first (whether built or not)."""
+    order = list(CPU_VARIANTS)
+    widest = _ext.require("_C").cpu_capability()
+    return order[: order.index(widest) + 1] if widest in order else order[:1]
+
+
+def _import(variant: str):
+    mod, why = _ext.load(CPU_VARIANTS[variant][0])
+    if mod is not None and mod.VARIANT != variant:
+        raise RuntimeError(f"fod_kernels.{CPU_VARIANTS[variant][0]} holds the {mod.VARIANT!r} variant, not "
+                           f"{variant!r}: a stale build; rebuild the extensions")
+    return mod, why
+
+
+def _select(want: str | None):
+    runs = runnable_variants()
+    if want is not None:
+        want = want.strip().lower()
+        if want not in CPU_VARIANTS:
+            raise RuntimeError(f"{ENV}={want!r}: choose one of {', '.join(CPU_VARIANTS)}")
+        if want not in runs:
+            raise RuntimeError(f"{ENV}={want}: this CPU cannot run that variant (it runs {', '.join(runs)})")
+        mod, why = _import(want)
+        if mod is None:
+            raise RuntimeError(f"{ENV}={want}: {why}")
+        return want, mod, f"{ENV}={want}"
+    missing = []
+    for v in reversed(runs):
+        mod, why = _import(v)
+        if mod is not None:
+            note = f"the widest this CPU runs is {runs[-1]}; not built: {'; '.join(missing)}" if missing else \
+                "the widest this CPU runs"
+            return v, mod, note
+        missing.append(f"{v} ({why})")
+    raise RuntimeError("; ".join(missing))
+
+
+def selected():
+    """(variant, extension module, why that one) of the kernels that run; RuntimeError when none can."""
+    want = os.environ.get(ENV) or None
+    if want not in _selected:
+        _selected[want] = _select(want)
+    return _selected[want]
+
+
+def variant() -> str:
+    """The instruction-set variant of the CPU kernels that run here: default, avx2 or avx512."""
+    return selected()[0]
 
 
 def status():
-    mod, why = _ext.load("_C")
-    return (True, "fused C++ kernels, float32/float64 (bf16/fp16 computed in float32)") if mod else (False, why)
+    try:
+        v, _, note = selected()
+    except RuntimeError as exc:
+        return False, str(exc)
+    return True, f"fused C++ kernels, variant {v} ({note}), float32/float64 (bf16/fp16 computed in float32)"
 
 
 def supports_device(device: torch.device):
@@ -25,7 +89,7 @@ def supports_device(device: torch.device):
 
 
 def _ext_mod():
-    return _ext.require("_C")
+    return selected()[1]
 
 
 def _compute_dtype(dtype):

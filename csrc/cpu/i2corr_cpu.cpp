@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -558,8 +559,30 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& g_outs, const st
 
 }  // namespace
 
+#ifndef FOD_CPU_VARIANT
+#define FOD_CPU_VARIANT default
+#endif
+#define I2C_STR_(x) #x
+#define I2C_STR(x) I2C_STR_(x)
+
+// The widest kernel variant this CPU (and its OS) runs: ATen's sets, AVX512 = F, BW, VL, DQ (+ FMA).
+// Called on the portable module, before any other variant is imported.
+std::string cpu_capability() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return "avx512";
+  if (avx2) return "avx2";
+#endif
+  return "default";
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fod_kernels: fused I2Correlation kernels for the CPU (float32, float64)";
+  m.doc() = "fod_kernels: fused I2Correlation kernels for the CPU (float32, float64), variant " I2C_STR(FOD_CPU_VARIANT);
+  m.attr("VARIANT") = I2C_STR(FOD_CPU_VARIANT);
+  m.def("cpu_capability", &cpu_capability, "the widest kernel variant this CPU runs: avx512, avx2 or default");
   m.def("forward", &forward, "I2Correlation forward over a list of branches (masks: empty tensor = none)");
   m.def("backward", &backward, "I2Correlation backward over a list of branches (masks: empty tensor = none)");
   m.attr("SIGMA_MIN") = i2c::kSigmaMin;
