@@ -9,10 +9,10 @@ regression of one ulp anywhere, or a sub-ulp degradation spread over the range, 
 Two builds of the header are tested, each through a tiny C library compiled with
 torch.utils.cpp_extension.load and called with ctypes:
 
-- "cpu": the flags of the C++ CPU extension (fod_kernels._build_flags.cpu_flags(): -O3, -fopenmp, AVX2/FMA
-  where the machine has them). Besides the scalar exp_poly/log_poly, fast_exp<float>/fast_log<float> are
-  called inside a `#pragma omp simd` loop, as the CPU kernels call them, so the vectorised code is what is
-  measured.
+- "cpu-<variant>": the flags of each CPU kernel variant this CPU runs (fod_kernels._build_flags.cpu_flags(v):
+  -O3, -fopenmp and the variant's instruction set: none, AVX2+FMA, AVX-512). Besides the scalar
+  exp_poly/log_poly, fast_exp<float>/fast_log<float> are called inside a `#pragma omp simd` loop, as the CPU
+  kernels call them, so the vectorised code is what is measured.
 - "sim": the header as the CUDA kernels include it in the CPU simulation of tests/kernels/test_cuda.py
   (after csrc/cuda/sim_cpu.cuh, with that test's flags -O1 -pthread). Honestly: this is the *host* path.
   The simulation compiles i2corr_cuda.cu as plain C++, so neither __CUDACC__ nor __CUDA_ARCH__ is defined
@@ -64,8 +64,19 @@ void simd_log(const float* x, float* y, int64_t n) {{
 }}
 """
 
+def _cpu_builds():
+    """One build per CPU kernel variant this CPU runs (flags: fod_kernels._build_flags.cpu_flags(variant))."""
+    from fod_kernels import _build_flags, backend_cpu
+
+    try:
+        runs = backend_cpu.runnable_variants()
+    except RuntimeError:  # no extension built: the portable flags still compile here
+        runs = ["default"]
+    return {f"cpu-{v}": ("", _build_flags.cpu_flags(v)) for v in runs}
+
+
 BUILDS = {
-    "cpu": ("", None),  # flags: fod_kernels._build_flags.cpu_flags()
+    **_cpu_builds(),
     "sim": ('#include "cuda/sim_cpu.cuh"', ["-O1", "-pthread"]),  # as tests/kernels/test_cuda.py builds the simulation
 }
 
@@ -74,16 +85,14 @@ BUILDS = {
 def lib(request, tmp_path_factory):
     from torch.utils.cpp_extension import load
 
-    from fod_kernels._build_flags import cpu_flags
-
     prelude, flags = BUILDS[request.param]
     d = tmp_path_factory.mktemp(f"ulp_{request.param}")
-    src = d / f"i2c_math_ulp_{request.param}.cpp"
+    src = d / f"i2c_math_ulp_{request.param.replace('-', '_')}.cpp"
     src.write_text(SOURCE.format(prelude=prelude))
-    load(name=f"i2c_math_ulp_{request.param}", sources=[str(src)], extra_cflags=flags or cpu_flags(),
+    load(name=f"i2c_math_ulp_{request.param.replace('-', '_')}", sources=[str(src)], extra_cflags=flags,
          extra_include_paths=[str(CSRC)], build_directory=str(d), is_python_module=False)
     (so,) = glob.glob(str(d / "*.so"))
-    return SimpleNamespace(dll=ctypes.CDLL(so), mean_ulp=MEAN_ULP["-mfma" in (flags or cpu_flags())])
+    return SimpleNamespace(dll=ctypes.CDLL(so), mean_ulp=MEAN_ULP["-mfma" in flags])
 
 
 def call(lib, fn: str, x: np.ndarray) -> np.ndarray:
