@@ -52,6 +52,9 @@ def pytest_addoption(parser):
     g.addoption("--fod-model", action="store_true", default=None,
                 help="full-model benchmark (default: on with CUDA, off on CPU where it takes ~6 min)")
     g.addoption("--fod-no-model", action="store_false", dest="fod_model")
+    g.addoption("--fod-cpu-floor", action="store_true",
+                help="one branch fwd+bwd: cpu kernels per instruction-set variant, SDPA, reference, and the rates "
+                     "of the floor (test_bench_cpu_floor.py, cpu_floor.py)")
     g.addoption("--fod-model-batch", type=int, default=0, help="batch of the full-model benchmark (1 CPU, 8 CUDA)")
 
 
