@@ -52,6 +52,15 @@ struct Branch {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Per-thread scratch, reused by every task the thread runs (no allocation in the hot path): slot k of
+// at least n elements, contents unspecified (callers fill what they read).
+template <typename T>
+T* scratch(int k, size_t n) {
+  thread_local std::vector<T> bufs[8];
+  if (bufs[k].size() < n) bufs[k].resize(n);
+  return bufs[k].data();
+}
+
 // (.., L, D) -> (.., L, Dp) zero-padded, contiguous.
 at::Tensor pad_d(const at::Tensor& t, int64_t Dp) {
   return (t.size(-1) == Dp ? t : at::constant_pad_nd(t, {0, Dp - t.size(-1)})).contiguous();
@@ -72,7 +81,11 @@ template <typename T>
 struct PriorRow {
   std::vector<T> ty, lty, tx, ltx, dy2, dx2;
   T sum_t_dy2 = 0, sum_t_dx2 = 0, ry = 0, cx = 0, lmax = 0, lsum = 0;
-  PriorRow(int rows, int cols) : ty(rows), lty(rows), tx(cols), ltx(cols), dy2(rows), dx2(cols) {}
+  PriorRow(int rows, int cols) { resize(rows, cols); }
+  void resize(int rows, int cols) {
+    for (auto* v : {&ty, &lty, &dy2}) v->resize(rows);
+    for (auto* v : {&tx, &ltx, &dx2}) v->resize(cols);
+  }
 
   void set(int64_t i, T sy, T sx, int rows, int cols, int64_t n_img) {
     ry = T(i / cols);
@@ -212,13 +225,14 @@ void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool 
   const T* SG = br.sigma + (b * H + h) * L * 2;
   const bool* drop = br.drop ? br.drop + b * br.drop_bs : nullptr;
   const int64_t row0 = (b * H + h) * L;
-  std::vector<T> Sc(nb * Sp), P(nb * Sp), O(nb * Dp);
-  PriorRow<T> pr(rows, cols);
-  i2cpu::gemm_abt<T>(nb, Sp, Dp, scale, Q + i0 * Dp, KT, Sc.data());  // Sc = scale Q K^T
+  T *Sc = scratch<T>(0, nb * Sp), *P = scratch<T>(1, nb * Sp), *O = scratch<T>(2, nb * Dp);
+  thread_local PriorRow<T> pr(0, 0);
+  pr.resize(rows, cols);
+  i2cpu::gemm_abt<T>(nb, Sp, Dp, scale, Q + i0 * Dp, KT, Sc);  // Sc = scale Q K^T
   for (int64_t ii = 0; ii < nb; ++ii) {
     const int64_t i = i0 + ii, x = row0 + i;
-    T* srow = Sc.data() + ii * Sp;
-    T* prow = P.data() + ii * Sp;
+    T* srow = Sc + ii * Sp;
+    T* prow = P + ii * Sp;
     if (drop) mask_scores<T>(srow, drop, S);
     T m = srow[0];
 #pragma omp simd reduction(max : m)
@@ -252,8 +266,17 @@ void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool 
       }
     }
   }
-  i2cpu::gemm_ab<T>(nb, S, Sp, Dp, P.data(), V, O.data());  // out = P V
-  for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(O.data() + ii * Dp, D, out + (row0 + i0 + ii) * D);
+  i2cpu::gemm_ab<T>(nb, S, Sp, Dp, P, V, O);  // out = P V
+  for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(O + ii * Dp, D, out + (row0 + i0 + ii) * D);
+}
+
+// p = exp(s - lse) of a whole row, first and alone: each element is a short independent chain that the CPU
+// overlaps; inside the row loops below, exp -> log(p + eps) -> ds made one chain too long to overlap (the
+// loop runs latency-bound). Same values bit for bit; forward+backward 5% faster (docs/CPU_FLOOR.md).
+template <typename T>
+void exp_row(const T* srow, T lse, int64_t S, T* prow) {
+#pragma omp simd
+  for (int64_t j = 0; j < S; ++j) prow[j] = i2c::fast_exp<T>(srow[j] - lse);
 }
 
 // One query row of the backward: ds (scaled) into dsrow, p into prow, the
@@ -263,6 +286,7 @@ void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T g_kl_attn, T 
                   int cols, int64_t n_img, T eps, T scale, T* prow, T* dsrow, T* W, T* Sy, T* Sx) {
   T w = 0, sy = 0, sx = 0;
   const int64_t L = int64_t(rows) * cols;
+  exp_row<T>(srow, lse, n_img * L, prow);
   for (int64_t img = 0; img < n_img; ++img)
     for (int r = 0; r < rows; ++r) {
       const T tyr = pr.ty[r], ltyr = pr.lty[r];
@@ -272,9 +296,8 @@ void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T g_kl_attn, T 
       for (int c = 0; c < cols; ++c) {
         const int64_t j = base + c;
         const T lpx = srow[j] - lse;
-        const T p = i2c::fast_exp<T>(lpx), t = tyr * pr.tx[c];
+        const T p = prow[j], t = tyr * pr.tx[c];
         const auto g = i2c::log_terms_t<HasEps, T>(p, t, lpx, ltyr + pr.ltx[c], eps);
-        prow[j] = p;
         dsrow[j] = scale * i2c::ds_elem<T>(p, t, gvrow[j], dfull, g_kl_attn, g_ent, g);
         const T tw = i2c::tw_elem<T>(p, t, g);
         wr += tw;
@@ -296,6 +319,7 @@ void row_backward_masked(const T* srow, const T* gvrow, T lse, T dfull, T g_kl_a
                          T* W, T* Sy, T* Sx, T* Sty, T* Stx) {
   T w = 0, sy = 0, sx = 0, sty = 0, stx = 0;
   const int64_t L = int64_t(rows) * cols;
+  exp_row<T>(srow, lse, n_img * L, prow);
   for (int64_t img = 0; img < n_img; ++img)
     for (int r = 0; r < rows; ++r) {
       const T lr = pr.lty[r];
@@ -306,9 +330,8 @@ void row_backward_masked(const T* srow, const T* gvrow, T lse, T dfull, T g_kl_a
         const int64_t j = base + c;
         const bool d = drop[j];
         const T lpx = srow[j] - lse, lt = (lr + pr.ltx[c] - pr.lmax) - pr.lsum;
-        const T p = i2c::fast_exp<T>(lpx), t = d ? T(0) : i2c::fast_exp<T>(lt);
+        const T p = prow[j], t = d ? T(0) : i2c::fast_exp<T>(lt);
         const auto g = i2c::log_terms_t<HasEps, T>(p, t, lpx, lt, eps);
-        prow[j] = p;
         dsrow[j] = d ? T(0) : scale * i2c::ds_elem<T>(p, t, gvrow[j], dfull, g_kl_attn, g_ent, g);
         const T tw = d ? T(0) : i2c::tw_elem<T>(p, t, g);
         wr += tw;
@@ -336,9 +359,15 @@ void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int6
   const T* VT = br.vT + (kb * H + h) * Dp * Sp;
   const T* K = br.kp + (kb * H + h) * S * Dp;
   // Sc, GV: scores; P, DS: probabilities and score gradients, zero beyond column S.
-  std::vector<T> Sc(BM * Sp), GV(BM * Sp), P(BM * Sp, T(0)), DS(BM * Sp, T(0)), DQ(BM * Dp);
-  std::vector<T> DK(Sp * Dp, T(0)), DV(Sp * Dp, T(0));
-  PriorRow<T> pr(rows, cols);
+  T *Sc = scratch<T>(0, BM * Sp), *GV = scratch<T>(1, BM * Sp), *P = scratch<T>(2, BM * Sp),
+    *DS = scratch<T>(3, BM * Sp), *DQ = scratch<T>(4, BM * Dp), *DK = scratch<T>(5, Sp * Dp),
+    *DV = scratch<T>(6, Sp * Dp);
+  std::fill_n(P, BM * Sp, T(0));  // the columns beyond S stay 0: gemm_atb_acc reads all Sp
+  std::fill_n(DS, BM * Sp, T(0));
+  std::fill_n(DK, Sp * Dp, T(0));
+  std::fill_n(DV, Sp * Dp, T(0));
+  thread_local PriorRow<T> pr(0, 0);
+  pr.resize(rows, cols);
   const int64_t b0 = br.Bk == 1 ? 0 : kb, b1 = br.Bk == 1 ? br.B : kb + 1;
   for (int64_t b = b0; b < b1; ++b) {  // fixed order: deterministic batch reduction of dk, dv
     const int64_t row0 = (b * H + h) * L;
@@ -348,14 +377,13 @@ void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int6
     const bool* drop = br.drop ? br.drop + b * br.drop_bs : nullptr;
     for (int64_t i0 = 0; i0 < L; i0 += BM) {
       const int64_t nb = std::min(BM, L - i0);
-      i2cpu::gemm_abt<T>(nb, Sp, Dp, scale, Q + i0 * Dp, KT, Sc.data());  // Sc = scale Q K^T
-      i2cpu::gemm_abt<T>(nb, Sp, Dp, T(1), G + i0 * Dp, VT, GV.data());  // GV = G V^T
+      i2cpu::gemm_abt<T>(nb, Sp, Dp, scale, Q + i0 * Dp, KT, Sc);  // Sc = scale Q K^T
+      i2cpu::gemm_abt<T>(nb, Sp, Dp, T(1), G + i0 * Dp, VT, GV);  // GV = G V^T
       for (int64_t ii = 0; ii < nb; ++ii) {
         const int64_t i = i0 + ii, x = row0 + i;
         const T sy = i2c::sigma_eff<T>(SG[2 * i]), sx = i2c::sigma_eff<T>(SG[2 * i + 1]);
         T W, Sy, Sx, Sty, Stx;
-        T *srow = Sc.data() + ii * Sp, *gvrow = GV.data() + ii * Sp, *prow = P.data() + ii * Sp,
-          *dsrow = DS.data() + ii * Sp;
+        T *srow = Sc + ii * Sp, *gvrow = GV + ii * Sp, *prow = P + ii * Sp, *dsrow = DS + ii * Sp;
         if (drop) {
           mask_scores<T>(srow, drop, S);
           pr.set_masked(i, sy, sx, rows, cols, br.n_img, drop);
@@ -379,17 +407,17 @@ void backward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, int6
         dsig[2 * x] = i2c::sigma_grad<T>(SG[2 * i], i2c::dsigma_axis<T>(g_kl_prior[x], Sy, W, Sty, sy));
         dsig[2 * x + 1] = i2c::sigma_grad<T>(SG[2 * i + 1], i2c::dsigma_axis<T>(g_kl_prior[x], Sx, W, Stx, sx));
       }
-      i2cpu::gemm_ab<T>(nb, S, Sp, Dp, DS.data(), K, DQ.data());                // dq = dS K
-      for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(DQ.data() + ii * Dp, D, dq + (row0 + i0 + ii) * D);
-      i2cpu::gemm_atb_acc<T>(nb, Sp, Dp, DS.data(), Q + i0 * Dp, DK.data());  // dk += dS^T Q
-      i2cpu::gemm_atb_acc<T>(nb, Sp, Dp, P.data(), G + i0 * Dp, DV.data());   // dv += P^T G
+      i2cpu::gemm_ab<T>(nb, S, Sp, Dp, DS, K, DQ);                // dq = dS K
+      for (int64_t ii = 0; ii < nb; ++ii) std::copy_n(DQ + ii * Dp, D, dq + (row0 + i0 + ii) * D);
+      i2cpu::gemm_atb_acc<T>(nb, Sp, Dp, DS, Q + i0 * Dp, DK);  // dk += dS^T Q
+      i2cpu::gemm_atb_acc<T>(nb, Sp, Dp, P, G + i0 * Dp, DV);   // dv += P^T G
     }
   }
   T* dkh = dk + (kb * H + h) * S * D;
   T* dvh = dv + (kb * H + h) * S * D;
   for (int64_t j = 0; j < S; ++j) {
-    std::copy_n(DK.data() + j * Dp, D, dkh + j * D);
-    std::copy_n(DV.data() + j * Dp, D, dvh + j * D);
+    std::copy_n(DK + j * Dp, D, dkh + j * D);
+    std::copy_n(DV + j * Dp, D, dvh + j * D);
   }
 }
 
