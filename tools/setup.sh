@@ -39,7 +39,10 @@ export MAX_JOBS=${MAX_JOBS:-2}
 # Rebuild only when a source is newer than the built extension (or it does not import).
 need_build=1
 so=$(ls fod_kernels/_C.*.so 2>/dev/null | head -n1 || true)
-if [ -n "$so" ] && $PY -c "import fod_kernels._C" 2>/dev/null && command -v fod >/dev/null; then
+# every CPU kernel variant this CPU runs must import too (fod_kernels._build_flags.CPU_VARIANTS)
+variants_ok='import sys; from fod_kernels import _build_flags as f, _ext, backend_cpu as b
+sys.exit(any(_ext.load(f.CPU_VARIANTS[v][0])[0] is None for v in b.runnable_variants()))'
+if [ -n "$so" ] && $PY -c "$variants_ok" 2>/dev/null && command -v fod >/dev/null; then
   newer=$(find csrc setup.py fod_kernels/_build_flags.py -newer "$so" -type f | head -n1)
   cuda_ok=1
   if [ "${FOD_BUILD_CUDA:-auto}" != "0" ] && [ -n "${CUDA_HOME:-}" ] && $PY -c "import torch,sys; sys.exit(torch.version.cuda is None)"; then
