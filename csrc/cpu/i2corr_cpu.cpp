@@ -52,6 +52,14 @@ struct Branch {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// std::max(a, b) for the max reductions of `#pragma omp simd` loops: std::max returns a reference, which
+// makes the reduction variable addressable, and GCC then compiles the loop as a serial chain of scalar maxss
+// (4 cycles per key: the forward's row max took a third of forward_task's time). Same value as std::max.
+template <typename T>
+inline T vmax(T a, T b) {
+  return a < b ? b : a;
+}
+
 // Per-thread scratch, reused by every task the thread runs (no allocation in the hot path): slot k of
 // at least n elements, contents unspecified (callers fill what they read).
 template <typename T>
@@ -135,7 +143,7 @@ struct PriorRow {
         const bool* dr = drop + (img * rows + r) * cols;
         const T lr = lty[r];
 #pragma omp simd reduction(max : m)
-        for (int c = 0; c < cols; ++c) m = std::max(m, dr[c] ? ninf : lr + ltx[c]);
+        for (int c = 0; c < cols; ++c) m = vmax(m, dr[c] ? ninf : lr + ltx[c]);
       }
     T z = 0;
     for (int64_t img = 0; img < n_img; ++img)
@@ -150,30 +158,50 @@ struct PriorRow {
   }
 };
 
+// Per-column accumulators of a query row's sums (n of them, cols each, zeroed): the row loops below add each
+// grid row's terms into them column by column and reduce them once per query row. An `omp simd reduction` in
+// the cols-long inner loop instead ended every grid row with a serial sum of its vector lanes (GCC combines the
+// lanes one by one): 2-4 chains of 16 dependent adds per 32 keys, a large share of the row loops' time.
+template <typename T>
+T* col_acc(int n, int cols) {
+  T* a = scratch<T>(7, size_t(n) * cols);
+  std::fill_n(a, size_t(n) * cols, T(0));
+  return a;
+}
+
+template <typename T>
+T col_sum(const T* a, int cols) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int c = 0; c < cols; ++c) s += a[c];
+  return s;
+}
+
 template <typename T, bool HasEps>
 void row_stats(const T* srow, const T* prow, T lse, const PriorRow<T>& pr, int rows, int cols, int64_t n_img,
                T eps, T* kl, T* ent, T* r1, T* r2) {
-  T skl = 0, sent = 0, sr1 = 0, sr2 = 0;
+  T* acc = col_acc<T>(4, cols);
+  T *akl = acc, *aent = acc + cols, *ar1 = acc + 2 * cols, *ar2 = acc + 3 * cols;
   const int64_t L = int64_t(rows) * cols;
   for (int64_t img = 0; img < n_img; ++img)
     for (int r = 0; r < rows; ++r) {
       const T tyr = pr.ty[r], ltyr = pr.lty[r];
       const T* sr = srow + img * L + int64_t(r) * cols;
       const T* pp = prow + img * L + int64_t(r) * cols;
-#pragma omp simd reduction(+ : skl, sent, sr1, sr2)
+#pragma omp simd
       for (int c = 0; c < cols; ++c) {
         const T p = pp[c], t = tyr * pr.tx[c];
         const auto g = i2c::log_terms_t<HasEps, T>(p, t, sr[c] - lse, ltyr + pr.ltx[c], eps);
-        skl += i2c::kl_elem<T>(p, t, g);
-        sent += i2c::ent_elem<T>(p, g);
-        sr1 += i2c::r1_elem<T>(p, t, g);
-        sr2 += i2c::r2_elem<T>(p, g);
+        akl[c] += i2c::kl_elem<T>(p, t, g);
+        aent[c] += i2c::ent_elem<T>(p, g);
+        ar1[c] += i2c::r1_elem<T>(p, t, g);
+        ar2[c] += i2c::r2_elem<T>(p, g);
       }
     }
-  *kl = skl;
-  *ent = sent;
-  *r1 = sr1;
-  *r2 = sr2;
+  *kl = col_sum<T>(akl, cols);
+  *ent = col_sum<T>(aent, cols);
+  *r1 = col_sum<T>(ar1, cols);
+  *r2 = col_sum<T>(ar2, cols);
 }
 
 // row_stats of a masked row: t = exp((l - lmax) - lsum) per element; the masked keys (p = t = 0) add nothing.
@@ -236,7 +264,7 @@ void forward_task(const Branch<T>& br, int rows, int cols, T scale, T eps, bool 
     if (drop) mask_scores<T>(srow, drop, S);
     T m = srow[0];
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < S; ++j) m = std::max(m, srow[j]);
+    for (int64_t j = 0; j < S; ++j) m = vmax(m, srow[j]);
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < S; ++j) {
@@ -280,19 +308,20 @@ void exp_row(const T* srow, T lse, int64_t S, T* prow) {
 }
 
 // One query row of the backward: ds (scaled) into dsrow, p into prow, the
-// prior sums into W, Sy, Sx.
+// prior sums into W, Sy, Sx. Per-column accumulators (col_acc): W = sum of aw,
+// Sx = sum of aw * dx2, Sy = sum of ay (tw dy2 added per grid row).
 template <typename T, bool HasEps>
 void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T g_kl_attn, T g_ent, const PriorRow<T>& pr, int rows,
                   int cols, int64_t n_img, T eps, T scale, T* prow, T* dsrow, T* W, T* Sy, T* Sx) {
-  T w = 0, sy = 0, sx = 0;
+  T* acc = col_acc<T>(2, cols);
+  T *aw = acc, *ay = acc + cols;
   const int64_t L = int64_t(rows) * cols;
   exp_row<T>(srow, lse, n_img * L, prow);
   for (int64_t img = 0; img < n_img; ++img)
     for (int r = 0; r < rows; ++r) {
-      const T tyr = pr.ty[r], ltyr = pr.lty[r];
+      const T tyr = pr.ty[r], ltyr = pr.lty[r], dyr = pr.dy2[r];
       const int64_t base = img * L + int64_t(r) * cols;
-      T wr = 0;
-#pragma omp simd reduction(+ : wr, sx)
+#pragma omp simd
       for (int c = 0; c < cols; ++c) {
         const int64_t j = base + c;
         const T lpx = srow[j] - lse;
@@ -300,14 +329,15 @@ void row_backward(const T* srow, const T* gvrow, T lse, T dfull, T g_kl_attn, T 
         const auto g = i2c::log_terms_t<HasEps, T>(p, t, lpx, ltyr + pr.ltx[c], eps);
         dsrow[j] = scale * i2c::ds_elem<T>(p, t, gvrow[j], dfull, g_kl_attn, g_ent, g);
         const T tw = i2c::tw_elem<T>(p, t, g);
-        wr += tw;
-        sx += tw * pr.dx2[c];
+        aw[c] += tw;
+        ay[c] += tw * dyr;
       }
-      w += wr;
-      sy += wr * pr.dy2[r];
     }
-  *W = w;
-  *Sy = sy;
+  T sx = 0;
+#pragma omp simd reduction(+ : sx)
+  for (int c = 0; c < cols; ++c) sx += aw[c] * pr.dx2[c];
+  *W = col_sum<T>(aw, cols);
+  *Sy = col_sum<T>(ay, cols);
   *Sx = sx;
 }
 
