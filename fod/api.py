@@ -153,11 +153,10 @@ class Detector:
 
     def save(self, path) -> Path:
         """Write the checkpoint (as trained, checksummed) to ``path`` atomically."""
-        from .files import atomic_save
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder; give the checkpoint file name, e.g. {path}/checkpoint.pt")
-        atomic_save(self.fod.checkpoint, path)
+        C.write(self.fod.checkpoint, path)
         return path
 
     # ------------------------------------------------------------------ properties

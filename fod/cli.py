@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch's exporter writes)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE and FILE.json if they exist")
 
+    p = sub.add_parser("checkpoint", help="convert a checkpoint of an earlier fod version (docs/SECURITY.md)",
+                       description="fod checkpoint upgrade OLD NEW --trust: convert a checkpoint written by an "
+                                   "earlier fod version (a pickle, which can run code when read) into the current "
+                                   "format, which cannot. Run it only on files you trust.")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    u = csub.add_parser("upgrade", help="convert OLD (pickled) to NEW (current format)")
+    u.add_argument("old", metavar="OLD", help="the old checkpoint.pt")
+    u.add_argument("new", metavar="NEW", help="the file to write (must not exist)")
+    u.add_argument("--trust", action="store_true",
+                   help="required: OLD is unpickled, which runs any code it holds; say so only for files you trust")
+
     p = sub.add_parser("demo", help="generate the embedded synthetic dataset, train and evaluate (CPU, minutes)",
                        description="Writes a synthetic textured-fabric dataset with scratches, spots and cuts (MVTec "
                                    "layout) to OUTPUT/data, then trains and evaluates on it and predicts a few "
@@ -231,7 +242,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"fod {args.command} runs in one process: launch it without torchrun (under "
                                  f"torchrun: fod {', fod '.join(D.COMMANDS)})")
             D.setup()
-        if not str(args.output).strip():
+        if not str(getattr(args, "output", "-")).strip():
             raise ValueError("--output is empty")
         if args.command == "train":
             train(resolve_config(args), args.output, resume=args.resume, overwrite=args.overwrite)
@@ -246,6 +257,10 @@ def main(argv=None) -> int:
         elif args.command == "export":
             from .export import export
             export(args.checkpoint, args.fmt, args.output, opset=args.opset, overwrite=args.overwrite)
+        elif args.command == "checkpoint":
+            from .report import say
+            from .upgrade import upgrade
+            upgrade(args.old, args.new, trust=args.trust, log=say)
         elif args.command == "demo":
             return demo(args)
         elif args.command == "benchmark":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import os
 import re
 import secrets
@@ -89,15 +88,6 @@ def atomic_write(path, write, fsync: bool = True):
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def atomic_save(obj, path):
-    """torch.save, atomically (the previous file stays whole until the new one is complete). Serialised in
-    memory first: torch's writer reports a failed write (a full disk) as an anonymous RuntimeError."""
-    import torch
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def atomic_write_text(path, text: str):
