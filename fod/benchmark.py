@@ -323,6 +323,10 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
         if conflicts:
             raise FileExistsError("; ".join(conflicts) + ". Use another --output, the same options, or --overwrite "
                                   "to start those categories over")
+        from .checkpoint import check_format
+        for _, _, run in jobs:  # a checkpoint to resume in an old or foreign format: one error now, before any work
+            if (run / "checkpoint.pt").is_file():
+                check_format((run / "checkpoint.pt").read_bytes(), run / "checkpoint.pt")
     D.checks_passed()  # several processes: every one passed its checks (else all stop here)
     if ctx.distributed:
         patient = D.patient_group()  # the final gather waits for the slowest process, however long it takes

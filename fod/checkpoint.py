@@ -109,19 +109,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
-    """The checkpoint's dict, after checking that it is a complete, undamaged FOD checkpoint with finite
-    weights. Every problem is a CheckpointError (or FileNotFoundError) naming the file. The file is read once
-    into memory; its checksum is verified on those bytes before they are parsed. Nothing in it is unpickled.
-    (``log``: for notes on the file; the current format needs none.)"""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint.pt file in it")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    raw = path.read_bytes()
+def check_format(raw: bytes, path) -> tuple[str, str]:
+    """(format, digest) of a checkpoint file's first line; a CheckpointError naming the file for anything other
+    than the current format (a pickle of an earlier version: the conversion command). Parses nothing."""
     head = SF.header(raw)
     if head is None:
         if raw[:2] == b"PK" or raw[:1] == b"\x80":  # torch.save's zip, or a raw pickle: never unpickled
@@ -136,19 +126,35 @@ def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]]
             raise CheckpointError(f"checkpoint {path} is damaged: its first line is cut or altered")
         raise CheckpointError(f"{path} is not a FOD checkpoint (it does not start with "
                               f"'{CHECKPOINT_FORMAT} sha256=')")
-    fmt = head[0]
-    if fmt != CHECKPOINT_FORMAT:
-        if fmt.startswith("fod-checkpoint-"):
-            raise CheckpointError(f"checkpoint {path} has format {fmt!r}, which this version of fod does not read "
-                                  f"(it reads {CHECKPOINT_FORMAT}); use the fod version that wrote it")
-        raise CheckpointError(f"{path} is not a FOD checkpoint (it is a {fmt!r} file)")
+    if head[0] != CHECKPOINT_FORMAT:
+        if head[0].startswith("fod-checkpoint-"):
+            raise CheckpointError(f"checkpoint {path} has format {head[0]!r}, which this version of fod does not "
+                                  f"read (it reads {CHECKPOINT_FORMAT}); use the fod version that wrote it")
+        raise CheckpointError(f"{path} is not a FOD checkpoint (it is a {head[0]!r} file)")
+    return head
+
+
+def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
+    """The checkpoint's dict, after checking that it is a complete, undamaged FOD checkpoint with finite
+    weights. Every problem is a CheckpointError (or FileNotFoundError) naming the file. The file is read once
+    into memory; its checksum is verified on those bytes before they are parsed. Nothing in it is unpickled.
+    (``log``: for notes on the file; the current format needs none.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint.pt file in it")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    raw = path.read_bytes()
+    head = check_format(raw, path)
     try:
         ck = SF.loads(raw, CHECKPOINT_FORMAT)
     except SF.FormatError as exc:
         raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {path} is damaged: it holds a {type(ck).__name__}, not a dict")
-    ck["format"], ck["sha256"] = fmt, head[1]
+    ck["format"], ck["sha256"] = head
     missing = [k for k in REQUIRED + (REQUIRED_FOR_RESUME if resume else ()) if k not in ck]
     if missing:
         raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")

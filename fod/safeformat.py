@@ -6,7 +6,8 @@ the SHA-256 of every byte after that line (``tail -n +2 FILE | sha256sum``) and 
 parsed: a truncated, cut or altered file is refused before anything is deserialised.
 
 The plain data (dicts, lists, tuples, str, int, float incl. NaN/inf, bool, None, numpy arrays and scalars,
-tensors) is stored as one JSON document in the safetensors metadata (key ``data``); each tensor or numpy array
+tensors) is stored as one JSON document ``{"format": kind, "data": ...}`` in the safetensors metadata (its
+only key, ``fod``: the same values always give the same bytes); each tensor or numpy array
 in it is a reference ``{"__tensor__": name}`` / ``{"__ndarray__": name, "dtype": ..., "shape": ...}`` to a
 tensor of the payload; tuples are ``{"__tuple__": [...]}``, dicts with keys other than strings
 ``{"__dict__": [[key, value], ...]}``, non-finite floats ``{"__float__": "nan"}``. Numpy scalars are stored as
@@ -88,8 +89,9 @@ def dumps(kind: str, data) -> bytes:
     """The file's bytes for ``data`` (see the module doc); ``kind``: the first word of its first line."""
     from safetensors.torch import save
     tensors: dict = {}
-    doc = json.dumps(_encode(data, tensors, "data"), allow_nan=False, separators=(",", ":"))
-    payload = save(tensors, metadata={"format": kind, "data": doc})
+    doc = json.dumps({"format": kind, "data": _encode(data, tensors, "data")}, allow_nan=False,
+                     separators=(",", ":"))
+    payload = save(tensors, metadata={"fod": doc})  # one key: safetensors orders several at random
     head = f"{kind} sha256={hashlib.sha256(payload).hexdigest()}\n".encode("ascii")
     assert _HEADER.fullmatch(head), kind
     return head + payload
@@ -115,11 +117,10 @@ def loads(raw: bytes, kind: str):
     from safetensors.torch import load
     try:
         n = int.from_bytes(payload[:8], "little")
-        meta = json.loads(payload[8:8 + n]).get("__metadata__") or {}
-        if meta.get("format") != kind:
+        doc = json.loads(json.loads(payload[8:8 + n])["__metadata__"]["fod"])
+        if doc.get("format") != kind:
             raise FormatError(f"its payload is not a {kind!r}")
-        tensors = load(bytes(payload))
-        return _decode(json.loads(meta["data"]), tensors)
+        return _decode(doc["data"], load(bytes(payload)))
     except FormatError:
         raise
     except Exception as exc:  # a consistent checksum over inconsistent content: a file written by other code
