@@ -18,7 +18,7 @@ from . import report as R
 from . import viz
 from .config import Config, check_run_options, to_dict
 from .data import AnomalyDataset, check_split, image_size_of, scan_sizes
-from .files import OutputFolder, atomic_write_text, refuse_inside, write_npz, write_png
+from .files import OutputFolder, atomic_write_text, refuse_inputs_inside, refuse_inside, write_npz, write_png
 from .model import FOD, loader
 
 
@@ -159,6 +159,7 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
     paths = list(dict.fromkeys(Path(p) for p in images))  # an image given twice is scored once (keyed by path)
     if not paths:
         raise ValueError("no images given to predict")
+    refuse_inputs_inside(output, paths)
     for p in paths:
         if p.is_dir():
             raise IsADirectoryError(f"{p} is a folder, not an image file (give the image files, e.g. {p}/*.png)")

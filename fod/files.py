@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 LOCK_NAME = ".fod.lock"
+MANIFEST = ".fod-manifest.json"  # the files fod wrote into an output folder: --overwrite replaces only those
 STAGE_PREFIX = ".fod-tmp-"
 TMP_MARK = ".tmp"  # temporary files are NAME.tmp-PID-RANDOM (and NAME.tmp from older versions)
 
@@ -161,6 +163,15 @@ def refuse_inside(output, data):
     if out == data or data in out.parents:
         raise ValueError(f"--output {output} is inside the dataset folder {data}: results written there would be read "
                          "as data; choose a folder outside it")
+
+
+def refuse_inputs_inside(output, inputs):
+    """Results written into the folder of a command's own inputs could replace them (--overwrite)."""
+    out = Path(output).absolute().resolve()
+    inside = [str(p) for p in inputs if out in Path(p).absolute().resolve().parents]
+    if inside:
+        raise ValueError(f"--output {output} holds input images of this command ({', '.join(inside[:3])}): choose an "
+                         "output folder that does not contain them")
 
 
 class OutputLock:
@@ -305,21 +316,59 @@ class OutputFolder:
                 except OSError:
                     break
 
+    def _manifest(self) -> set[str]:
+        """The files (relative paths) fod wrote into the folder, as its manifest lists them (empty: none)."""
+        try:
+            doc = json.loads((self.path / MANIFEST).read_text())
+            return {str(f) for f in doc["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+
+    def _write_manifest(self, files):
+        atomic_write_text(self.path / MANIFEST, json.dumps({"command": self.command, "files": sorted(files)},
+                                                           indent=1))
+
     def commit(self):
-        """Move the staged products into place; remove this command's products that were not made this time."""
+        """Move the staged products into place; remove this command's products that were not made this time.
+        In product folders (heatmaps/, masks/) only the files fod wrote (the manifest) are replaced or removed:
+        a user's file there is never touched, and one that a new file would replace stops the commit first."""
         assert self.stage is not None, "commit() outside open()"
         made = {p.name for p in self.stage.iterdir()}
+        prev = self._manifest()
+        new = set()
+        for n in self.products:
+            if n in made:
+                st = self.stage / n
+                new |= {f"{n}/{f.name}" for f in st.iterdir()} if st.is_dir() else {n}
+        clash = sorted(r for r in new if "/" in r and r not in prev
+                       and ((self.path / r).exists() or (self.path / r).is_symlink()))
+        if clash:
+            raise FileExistsError(f"{self.path} holds {', '.join(clash[:5])}, which fod did not write (not in "
+                                  f"{MANIFEST}) and would replace: move them, or choose another --output")
         trash = self.stage / ".replaced"
         trash.mkdir()
+        self._write_manifest(prev | new | {n for n in self.in_place if (self.path / n).exists()})  # a crash: both
         # metrics.json / scores.json last: once they are there, the rest of the run is in place too
         order = sorted(self.products, key=lambda n: n in ("metrics.json", "scores.json"))
         for name in order:
             target = self.path / name
-            if name in made:
-                if (self.stage / name).is_dir() and target.exists():
-                    os.replace(target, trash / name)
+            if (self.stage / name).is_dir() or (name not in made and target.is_dir() and not target.is_symlink()):
+                (trash / name).mkdir()
+                for rel in sorted(r for r in prev if r.startswith(name + "/")):
+                    if (self.path / rel).is_file() and not (self.path / rel).is_symlink():
+                        os.replace(self.path / rel, trash / rel)
+                if name in made:
+                    with writing(target):
+                        target.mkdir(exist_ok=True)
+                    for f in (self.stage / name).iterdir():
+                        with writing(target / f.name):
+                            os.replace(f, target / f.name)
+                elif not any(target.iterdir()):
+                    target.rmdir()
+            elif name in made:
                 with writing(target):
                     os.replace(self.stage / name, target)
             elif name not in self.in_place and (target.exists() or target.is_symlink()):
                 os.replace(target, trash / name)
+        self._write_manifest(new | {n for n in self.in_place if (self.path / n).exists()})
         self.created = []  # the folder holds results now: keep it
