@@ -217,6 +217,9 @@ def _child(cfg_dict: dict, run: str, device: str, coreset: float, overwrite: boo
     except (OSError, AttributeError):
         pass
     import torch
+
+    from .interrupt import install
+    install()  # terminated by the benchmark process: clean up as after SIGINT
     torch.set_num_threads(threads)
     cfg = from_dict({**cfg_dict, "device": device})
     name = Path(run).name

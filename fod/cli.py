@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import config as CF
+from . import interrupt as INT
 
 DESCRIPTION = """\
 FOD ("Focus the Discrepancy", ICCV 2023): unsupervised anomaly detection and
@@ -230,6 +231,7 @@ def resolve_config(args, demo: bool = False) -> CF.Config:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    INT.install()
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
     from . import distributed as D
@@ -271,9 +273,13 @@ def main(argv=None) -> int:
         if msg is not None:
             print(f"fod {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fod {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (fod.interrupt): the finally blocks have cleaned up
+        line, code = INT.message(exc, hint=args.command == "train")  # demo and benchmark run train() too
+        if args.command == "benchmark":
+            line += ("; run the same command to continue (finished categories are skipped, an interrupted one "
+                     "resumes from its last checkpoint)")
+        print(f"fod {args.command}: {line}", file=sys.stderr)
+        return code
     D.shutdown()
     return rc
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from . import calibrate as CAL
 from . import checkpoint as C
 from . import distributed as D
+from . import interrupt as INT
 from . import report as R
 from .backbone import build_backbone
 from .config import Config, resume_differences, to_dict, to_toml
@@ -255,6 +256,14 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
                 atomic_write_text(run_dir / "config.toml", to_toml(cfg))
                 saved["config"] = True
             saved["epoch"] = epoch
+
+        def interrupted() -> str:
+            if replacing:
+                return f"before the end; the previous results in {o.path} are unchanged"
+            if saved["epoch"] is None:
+                return "before the first checkpoint; run the same command to start again"
+            return f"after epoch {saved['epoch']}; run the same command with --resume to continue"
+        INT.set_hint(interrupted if ctx.is_main else None)
 
         def kept() -> str:
             if replacing:

@@ -1,0 +1,153 @@
+"""Faults a probe found (issue 20): --overwrite and a user's files, SIGTERM, disk errors in words, EXIF orientation
+and decompression bombs, Detector.predict over broken items. Tiny runs: resnet18 at 32 px, the reference backend."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fod.cli import main
+from fod.synthetic import make_dataset
+
+TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
+        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
+        "--backend", "reference", "--device", "cpu", "--heatmaps", "0"]
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _main(*argv):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random-init warning
+        return main([str(a) for a in argv])
+
+
+def _one_error_line(capsys, command):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith(f"fod {command}: error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("probe") / "cat", size=32, n_train=6, n_test_good=2,
+                        n_test_defect=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ck(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "run"
+    assert _main("train", "--data", data, "--output", out, *TINY, "--epochs", "1") == 0
+    return out / "checkpoint.pt"
+
+
+def _images(data, n):
+    return sorted((Path(data) / "test").glob("*/*.png"))[:n]
+
+
+# ----------------------------------------------------------------------------- --overwrite and a user's files
+
+def test_predict_overwrite_touches_only_what_fod_wrote(data, ck, tmp_path, capsys):
+    out = tmp_path / "pred"
+    two = _images(data, 2)
+    assert _main("predict", "--checkpoint", ck, *two, "--output", out) == 0
+    assert len(list((out / "heatmaps").iterdir())) == 2
+    mine = {out / "heatmaps" / "my-notes.txt": b"mine", out / "masks" / "keep.png": b"also mine"}
+    for p, b in mine.items():
+        p.write_bytes(b)
+    assert _main("predict", "--checkpoint", ck, two[0], "--output", out, "--overwrite") == 0
+    for p, b in mine.items():
+        assert p.read_bytes() == b, p
+    manifest = set(json.loads((out / ".fod-manifest.json").read_text())["files"])
+    fod_files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p not in mine
+                 and p.name != ".fod-manifest.json"}
+    assert manifest == fod_files and len([f for f in manifest if f.startswith("heatmaps/")]) == 1
+    # --overwrite with no heat maps: fod's go, the user's stay (and so does their folder)
+    assert _main("predict", "--checkpoint", ck, two[0], "--output", out, "--overwrite", "--heatmaps", "0") == 0
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["my-notes.txt"]
+
+
+def test_overwrite_refuses_to_replace_a_file_fod_did_not_write(data, ck, tmp_path, capsys):
+    out = tmp_path / "pred"
+    img = _images(data, 1)[0]
+    assert _main("predict", "--checkpoint", ck, img, "--output", out) == 0
+    (out / ".fod-manifest.json").unlink()  # e.g. results of an older fod version: whose file is it?
+    before = (out / "heatmaps" / f"{img.stem}.png").read_bytes()
+    assert _main("predict", "--checkpoint", ck, img, "--output", out, "--overwrite") == 2
+    assert "which fod did not write" in _one_error_line(capsys, "predict")
+    assert (out / "heatmaps" / f"{img.stem}.png").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.startswith((".fod-tmp-", ".fod.lock"))]
+
+
+def test_predict_refuses_an_output_folder_holding_its_inputs(data, ck, tmp_path, capsys):
+    out = tmp_path / "pred"
+    (out / "heatmaps").mkdir(parents=True)
+    img = out / "heatmaps" / "input.png"
+    img.write_bytes(_images(data, 1)[0].read_bytes())
+    before = img.read_bytes()
+    assert _main("predict", "--checkpoint", ck, img, "--output", out, "--overwrite") == 2
+    assert "holds input images of this command" in _one_error_line(capsys, "predict")
+    assert img.read_bytes() == before
+
+
+def test_train_and_test_overwrite_keep_a_users_file_in_heatmaps(data, tmp_path):
+    for command in ("train", "test"):
+        out = tmp_path / command
+        argv = (["train", "--data", data, *TINY, "--epochs", "1"] if command == "train" else
+                ["test", "--data", data, "--checkpoint", tmp_path / "train" / "checkpoint.pt", "--backend",
+                 "reference"])
+        assert _main(*argv, "--output", out, "--heatmaps", "-1") == 0
+        (out / "heatmaps" / "README.txt").write_text("my notes")
+        assert _main(*argv, "--output", out, "--heatmaps", "1", "--overwrite") == 0
+        assert (out / "heatmaps" / "README.txt").read_text() == "my notes", command
+        assert len(list((out / "heatmaps").glob("*.png"))) == 1, command
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+def _leftovers(folder):
+    return [p.name for p in Path(folder).iterdir() if p.name.startswith((".fod-tmp-", ".fod.lock")) or ".tmp" in p.name]
+
+
+def _terminate_when(argv, ready, timeout=240):
+    """Start ``python -m fod ARGV``, send SIGTERM once ``ready()``; its (exit code, stderr lines)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FOD_THREADS": "1", "TQDM_DISABLE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "fod", *map(str, argv)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not ready() and p.poll() is None and time.monotonic() - t0 < timeout:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    return p.returncode, [line for line in err.strip().splitlines() if line.strip()]
+
+
+def test_sigterm_ends_train_like_sigint_with_the_epoch_and_resume(data, tmp_path):
+    from fod import checkpoint as C
+    out = tmp_path / "run"
+    rc, err = _terminate_when(["train", "--data", data, "--output", out, *TINY, "--epochs", "100000"],
+                              lambda: (out / "checkpoint.pt").exists())
+    assert rc == 128 + signal.SIGTERM, err
+    epoch = C.load_raw(out / "checkpoint.pt", resume=True)["epoch"]  # the last good checkpoint is whole
+    assert err[-1] == (f"fod train: interrupted (SIGTERM) after epoch {epoch}; run the same command with --resume "
+                       "to continue"), err
+    assert not _leftovers(out)
+
+
+def test_sigterm_ends_benchmark_cleanly(data, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(data, root / "cat")
+    out = tmp_path / "bench"
+    rc, err = _terminate_when(["benchmark", "--data", root, "--categories", "cat", "--output", out, *TINY,
+                               "--epochs", "100000"], lambda: (out / "cat" / "checkpoint.pt").exists())
+    assert rc == 128 + signal.SIGTERM, err
+    assert err[-1].startswith("fod benchmark: interrupted (SIGTERM); run the same command to continue"), err
+    assert not _leftovers(out / "cat")
