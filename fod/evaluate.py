@@ -18,7 +18,8 @@ from . import report as R
 from . import viz
 from .config import Config, check_run_options, to_dict
 from .data import AnomalyDataset, check_split, image_size_of, scan_sizes
-from .files import OutputFolder, atomic_write_text, refuse_inputs_inside, refuse_inside, write_npz, write_png
+from .files import (OutputFolder, atomic_write_text, open_for_write, refuse_inputs_inside, refuse_inside, write_npz,
+                    write_png, writing)
 from .model import FOD, loader
 
 
@@ -186,7 +187,8 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
         result = {}
         preds = det.predict([str(p) for p in paths])
         for i, pr in enumerate(tqdm(preds, total=len(paths), desc="predict", unit="image", leave=False)):
-            np.save(parts / f"{i}.npy", pr.anomaly_map)
+            with writing(parts / f"{i}.npy"), open_for_write(parts / f"{i}.npy") as f:
+                np.save(f, pr.anomaly_map)
             lo, hi = min(lo, float(pr.anomaly_map.min())), max(hi, float(pr.anomaly_map.max()))
             mask = None
             if pr.mask is not None:

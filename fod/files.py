@@ -49,21 +49,30 @@ class FolderInUse(RuntimeError):
     """Another live process holds the output folder's lock."""
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: OSError, path=None) -> str:
+    """Why, in words: the error's text and code ("No space left on device (ENOSPC)"). A short write reported
+    without an error number (numpy: "16384 requested and 992 written") is named as a full disk when it is one."""
     code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
     text = exc.strerror or str(exc)
+    if not exc.errno and path is not None:
+        try:
+            if shutil.disk_usage(_nearest_existing(Path(path))).free < 1 << 20:
+                text, code = f"{os.strerror(errno.ENOSPC)} ({text})", "ENOSPC"
+        except OSError:
+            pass
     return f"{text} ({code})" if code else text
 
 
 @contextmanager
 def writing(path):
-    """Turn an OSError raised while writing ``path`` into a WriteError that names it."""
+    """Turn an OSError raised while writing ``path`` into a WriteError that names it and says why in words."""
     try:
         yield
     except WriteError:
         raise
     except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {path}: {_reason(exc)}") from exc
+        raise WriteError(exc.errno or (errno.ENOSPC if "ENOSPC" in _reason(exc, path) else None),
+                         f"cannot write {path}: {_reason(exc, path)}") from exc
 
 
 def open_for_write(path: Path):
@@ -75,8 +84,9 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def atomic_write(path, write, fsync: bool = True):
-    """Call ``write(file)`` on a fresh temporary file, flush it to disk, rename it to ``path``."""
+def write_temporary(path, write, fsync: bool = True) -> Path:
+    """Call ``write(file)`` on a fresh temporary file beside ``path`` and flush it to disk; return its name (the
+    caller renames it over ``path``, or removes it). A failure removes it and raises a WriteError naming ``path``."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
@@ -86,10 +96,20 @@ def atomic_write(path, write, fsync: bool = True):
                 if fsync:
                     f.flush()
                     os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path, write, fsync: bool = True):
+    """Call ``write(file)`` on a fresh temporary file, flush it to disk, rename it to ``path``."""
+    tmp = write_temporary(path, write, fsync)
+    try:
+        with writing(path):
             os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path, text: str):
@@ -198,9 +218,15 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"PID {os.getpid()}: {self.what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self.fd = fd
+        try:
+            with writing(self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"PID {os.getpid()}: {self.what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+                          0)
+        except WriteError:
+            self.release()  # a full disk: the lock file goes too
+            raise
 
     def release(self):
         if self.fd is not None:

@@ -1,7 +1,10 @@
 """Faults a probe found (issue 20): --overwrite and a user's files, SIGTERM, disk errors in words, EXIF orientation
 and decompression bombs, Detector.predict over broken items. Tiny runs: resnet18 at 32 px, the reference backend."""
+import errno
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fod import files
 from fod.cli import main
 from fod.synthetic import make_dataset
 
@@ -151,3 +155,73 @@ def test_sigterm_ends_benchmark_cleanly(data, tmp_path):
     assert rc == 128 + signal.SIGTERM, err
     assert err[-1].startswith("fod benchmark: interrupted (SIGTERM); run the same command to continue"), err
     assert not _leftovers(out / "cat")
+
+
+# ----------------------------------------------------------------------------- disk errors
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then fails as a full disk does (numpy's short write has no errno)."""
+
+    def __init__(self, f, room=64, short=False):
+        self.f, self.n, self.room, self.short = f, 0, room, short
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.n += len(b)
+        if self.n > self.room:
+            if self.short:
+                raise OSError(f"{len(b)} requested and {self.room} written")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(b)
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def _fill_disk_at(monkeypatch, predicate, **kw):
+    real = files.open_for_write
+
+    def opener(path):
+        f = real(path)
+        return _FullDisk(f, **kw) if predicate(Path(path)) else f
+    monkeypatch.setattr(files, "open_for_write", opener)
+    for mod in ("fod.export", "fod.evaluate"):  # the modules that imported it by name
+        monkeypatch.setattr(f"{mod}.open_for_write", opener)
+
+
+@pytest.mark.parametrize("which", ["model", "sidecar"])
+def test_a_full_disk_during_torchscript_export_is_one_line_and_leaves_nothing(ck, tmp_path, monkeypatch, capsys,
+                                                                              which):
+    out = tmp_path / "exp"
+    out.mkdir()
+    _fill_disk_at(monkeypatch, lambda p: (".json" in p.name) == (which == "sidecar"))
+    assert _main("export", "--checkpoint", ck, "--format", "torchscript", "--output", out / "m.pt") == 2
+    err = _one_error_line(capsys, "export")
+    named = out / ("m.pt.json" if which == "sidecar" else "m.pt")
+    assert err == f"fod export: error: cannot write {named}: No space left on device (ENOSPC)", err
+    assert list(out.iterdir()) == []
+
+
+def test_a_short_write_without_errno_is_named_as_a_full_disk(data, ck, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pred"
+    _fill_disk_at(monkeypatch, lambda p: p.suffix == ".npy", short=True)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 992))
+    assert _main("predict", "--checkpoint", ck, *_images(data, 1), "--output", out) == 2
+    err = _one_error_line(capsys, "predict")
+    assert f"cannot write {out}/.maps/0.npy: No space left on device (" in err and "(ENOSPC)" in err, err
+    assert not out.exists()
+
+
+def test_a_full_disk_at_the_lock_file_leaves_nothing(data, ck, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pred"
+
+    def pwrite(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.os, "pwrite", pwrite)
+    assert _main("predict", "--checkpoint", ck, *_images(data, 1), "--output", out) == 2
+    assert _one_error_line(capsys, "predict") == (f"fod predict: error: cannot write {out}/.fod.lock: No space left "
+                                                  "on device (ENOSPC)")
+    assert not out.exists()
