@@ -15,7 +15,7 @@ iterable) costs bounded memory. ``detector.predict_one(image)`` returns one reco
 Inputs, one image or an iterable of images (mixed kinds allowed):
 
 - a path (str or ``pathlib.Path``): read and preprocessed exactly as ``fod predict`` does;
-- a PIL image: the same, from its pixels;
+- a PIL image: the same, from its pixels (its EXIF orientation applied, as for a file);
 - a ``torch.Tensor`` (3, H, W) RGB or (1, H, W) grey, channels first, or a batch (N, C, H, W): an *image*,
   not a normalised one: uint8 in 0..255, or floating point in 0..1. It goes through the checkpoint's
   preprocessing (resize of the shorter side, centre crop, normalisation) as a file would; uint8 tensors give
@@ -43,7 +43,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import calibrate as CAL
 from . import checkpoint as C
@@ -218,7 +218,8 @@ class Detector:
                 return str(x), lambda: pre.image(p)
             if isinstance(x, Image.Image):
                 src = f"<PIL image {i}>"
-                return src, lambda: pre._normalize(pre._geometry(_pixels(x, src), INTERPOLATIONS[pre.interpolation]))
+                return src, lambda: pre._normalize(pre._geometry(_pixels(ImageOps.exif_transpose(x), src),
+                                                                 INTERPOLATIONS[pre.interpolation]))
             src = f"<array {i}>"
             return src, lambda: _array_image(x, src, pre)
 

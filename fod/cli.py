@@ -95,6 +95,13 @@ def add_config_options(p: argparse.ArgumentParser, groups=(CF.MODEL_OPTIONS, CF.
             target.add_argument(_flag(name), **kw)
 
 
+def _max_pixels(p: argparse.ArgumentParser):
+    from PIL import Image
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help=f"refuse images with more than N pixels (width x height), checked before they are decoded "
+                        f"(default {Image.MAX_IMAGE_PIXELS}, Pillow's decompression-bomb limit)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fod", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint "
                    "(same configuration; --epochs may be raised)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    _max_pixels(p)
     add_config_options(p)
 
     p = sub.add_parser("test", help="evaluate a checkpoint on a test set",
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size per process (default: the one of training)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    _max_pixels(p)
     add_config_options(p, groups=(CF.RUN_OPTIONS,))
 
     p = sub.add_parser("predict", help="anomaly maps and scores for new images",
@@ -136,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    _max_pixels(p)
     add_config_options(p, groups=(CF.RUN_OPTIONS,))
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (runs without fod installed)",
@@ -172,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic normal training images (default 66: --val-fraction 0.1 holds out 7 to calibrate "
                         "the thresholds, 59 train)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    _max_pixels(p)
     add_config_options(p, demo=True)
 
     p = sub.add_parser("benchmark", help="train and evaluate every category of a dataset, with baselines",
@@ -197,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML configuration for every category; options given here win")
     p.add_argument("--overwrite", action="store_true", help="start every category over, replacing earlier results")
+    _max_pixels(p)
     add_config_options(p)
     return ap
 
@@ -238,7 +250,13 @@ def main(argv=None) -> int:
     from .evaluate import predict, test
     from .train import train
     rc = 0
+    from .data import MAX_PIXELS_ENV
+    saved_limit = os.environ.get(MAX_PIXELS_ENV)
     try:
+        if getattr(args, "max_pixels", None) is not None:  # in the environment: DataLoader workers read it too
+            if args.max_pixels < 1:
+                raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+            os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
         if D.launched():  # torchrun started this process as one of several
             if args.command not in D.COMMANDS:
                 raise ValueError(f"fod {args.command} runs in one process: launch it without torchrun (under "
@@ -280,6 +298,11 @@ def main(argv=None) -> int:
                      "resumes from its last checkpoint)")
         print(f"fod {args.command}: {line}", file=sys.stderr)
         return code
+    finally:
+        if saved_limit is None:
+            os.environ.pop(MAX_PIXELS_ENV, None)
+        else:
+            os.environ[MAX_PIXELS_ENV] = saved_limit
     D.shutdown()
     return rc
 

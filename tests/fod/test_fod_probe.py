@@ -12,7 +12,9 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fod import files
 from fod.cli import main
@@ -225,3 +227,39 @@ def test_a_full_disk_at_the_lock_file_leaves_nothing(data, ck, tmp_path, monkeyp
     assert _one_error_line(capsys, "predict") == (f"fod predict: error: cannot write {out}/.fod.lock: No space left "
                                                   "on device (ENOSPC)")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- EXIF orientation, decompression bombs
+
+def test_exif_orientation_is_applied_to_scores_heat_maps_and_masks(data, ck, tmp_path):
+    """A photo stored sideways with an EXIF orientation gives exactly the results of the upright image."""
+    from fod.data import image_size_of
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (48, 32, 3), dtype=np.uint8))  # 32 wide, 48 tall
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": the stored pixels are the upright ones turned back
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    assert image_size_of(tmp_path / "sideways.png") == (32, 48)
+    out = tmp_path / "pred"
+    assert _main("predict", "--checkpoint", ck, tmp_path / "upright.png", tmp_path / "sideways.png",
+                 "--output", out) == 0
+    res = json.loads((out / "scores.json").read_text())["images"]
+    a, b = res[str(tmp_path / "upright.png")], res[str(tmp_path / "sideways.png")]
+    assert a["score"] == b["score"]
+    for key in ("heatmap", "mask"):
+        assert Path(a[key]).read_bytes() == Path(b[key]).read_bytes(), key
+
+
+def test_max_pixels_is_one_fod_line_and_no_pillow_warning(data, ck, tmp_path, monkeypatch, capsys, recwarn):
+    img = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(img)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # the default limit: Pillow's
+    assert _main("predict", "--checkpoint", ck, img, "--output", tmp_path / "p") == 2
+    assert _one_error_line(capsys, "predict") == (f"fod predict: error: image {img} has 100 x 100 = 10000 pixels, "
+                                                  "more than the limit of 5000 (a decompression bomb?); if you trust "
+                                                  "it, raise --max-pixels")
+    assert _main("predict", "--checkpoint", ck, img, "--output", tmp_path / "p", "--max-pixels", "10000") == 0
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert _main("predict", "--checkpoint", ck, img, "--output", tmp_path / "q", "--max-pixels", "9999") == 2
+    assert "more than the limit of 9999" in _one_error_line(capsys, "predict")
