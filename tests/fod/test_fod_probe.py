@@ -263,3 +263,27 @@ def test_max_pixels_is_one_fod_line_and_no_pillow_warning(data, ck, tmp_path, mo
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
     assert _main("predict", "--checkpoint", ck, img, "--output", tmp_path / "q", "--max-pixels", "9999") == 2
     assert "more than the limit of 9999" in _one_error_line(capsys, "predict")
+
+
+# ----------------------------------------------------------------------------- Detector.predict over broken items
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_predict_with_a_broken_image_keeps_the_valid_results(data, ck, tmp_path, workers):
+    from fod import Detector
+    det = Detector.load(ck, batch_size=4, num_workers=workers)
+    good = [str(p) for p in _images(data, 3)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    items = [good[0], str(broken), good[1], good[2]]  # one batch of 4
+    alone = {g: det.predict_one(g).score for g in good}
+    got = []
+    with pytest.raises(ValueError, match=f"cannot read image {broken}"):
+        for p in det.predict(items):
+            got.append(p)
+    assert [(p.source, p.score) for p in got] == [(good[0], pytest.approx(alone[good[0]], rel=1e-5))]  # before it
+    with pytest.warns(UserWarning, match=f"fod: skipped {broken}: cannot read image"):
+        got = list(det.predict(items, errors="skip"))
+    assert [(p.source, p.score) for p in got] == [(g, pytest.approx(alone[g], rel=1e-5)) for g in good]
+    assert [s for s, _ in det.skipped] == [str(broken)]
+    with pytest.raises(ValueError, match='errors must be "raise" or "skip"'):
+        det.predict(items, errors="ignore")
