@@ -238,8 +238,8 @@ class OutputLock:
             self.fd = None
 
 
-_STALE = re.compile("(" + "|".join(re.escape(n) for n in sorted({n for ps in PRODUCTS.values() for n in ps}))
-                    + r")\.tmp(-\d+-[0-9a-f]{8})?")
+_NAMES = sorted({MANIFEST} | {n for ps in PRODUCTS.values() for n in ps})
+_STALE = re.compile("(" + "|".join(re.escape(n) for n in _NAMES) + r")\.tmp(-\d+-[0-9a-f]{8})?")
 
 
 def remove_stale_temporaries(folder: Path):
