@@ -243,7 +243,7 @@ def resolve_config(args, demo: bool = False) -> CF.Config:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    INT.install()
+    handlers = INT.install()
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
     from . import distributed as D
@@ -299,6 +299,7 @@ def main(argv=None) -> int:
         print(f"fod {args.command}: {line}", file=sys.stderr)
         return code
     finally:
+        INT.restore(handlers)
         if saved_limit is None:
             os.environ.pop(MAX_PIXELS_ENV, None)
         else:

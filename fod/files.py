@@ -71,8 +71,9 @@ def writing(path):
     except WriteError:
         raise
     except OSError as exc:
-        raise WriteError(exc.errno or (errno.ENOSPC if "ENOSPC" in _reason(exc, path) else None),
-                         f"cannot write {path}: {_reason(exc, path)}") from exc
+        reason = _reason(exc, path)
+        raise WriteError(exc.errno or (errno.ENOSPC if reason.endswith("(ENOSPC)") else None),
+                         f"cannot write {path}: {reason}") from exc
 
 
 def open_for_write(path: Path):
@@ -345,10 +346,13 @@ class OutputFolder:
     def _manifest(self) -> set[str]:
         """The files (relative paths) fod wrote into the folder, as its manifest lists them (empty: none)."""
         try:
-            doc = json.loads((self.path / MANIFEST).read_text())
-            return {str(f) for f in doc["files"]}
+            files = json.loads((self.path / MANIFEST).read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError):
             return set()
+        # only plain names of this command's products, or NAME/FILE in one of its folders: an edited manifest
+        # cannot point outside the folder ("heatmaps/../../x")
+        return {f for f in files if isinstance(f, str) and (f in self.products or (
+            f.count("/") == 1 and f.split("/")[0] in self.products and f.split("/")[1] not in ("", ".", "..")))}
 
     def _write_manifest(self, files):
         atomic_write_text(self.path / MANIFEST, json.dumps({"command": self.command, "files": sorted(files)},

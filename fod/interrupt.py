@@ -28,14 +28,19 @@ def _raise(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
-def install():
-    """Raise Interrupted on SIGTERM and SIGINT (main thread only; elsewhere this does nothing)."""
+def install() -> dict:
+    """Raise Interrupted on SIGTERM and SIGINT (main thread only; elsewhere this does nothing). Returns the
+    previous handlers, for ``restore``."""
     set_hint(None)
     try:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, _raise)
+        return {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
-        pass
+        return {}
+
+
+def restore(previous: dict):
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 def message(exc: KeyboardInterrupt, hint: bool = True) -> tuple[str, int]:

@@ -91,6 +91,19 @@ def test_overwrite_refuses_to_replace_a_file_fod_did_not_write(data, ck, tmp_pat
     assert not [p for p in out.iterdir() if p.name.startswith((".fod-tmp-", ".fod.lock"))]
 
 
+def test_an_edited_manifest_cannot_point_outside_the_folder(data, ck, tmp_path):
+    out = tmp_path / "pred"
+    img = _images(data, 1)[0]
+    assert _main("predict", "--checkpoint", ck, img, "--output", out) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    m = json.loads((out / files.MANIFEST).read_text())
+    m["files"] += ["heatmaps/../../victim.txt", "../victim.txt", str(victim)]
+    (out / files.MANIFEST).write_text(json.dumps(m))
+    assert _main("predict", "--checkpoint", ck, img, "--output", out, "--overwrite") == 0
+    assert victim.read_text() == "keep me"
+
+
 def test_predict_refuses_an_output_folder_holding_its_inputs(data, ck, tmp_path, capsys):
     out = tmp_path / "pred"
     (out / "heatmaps").mkdir(parents=True)
