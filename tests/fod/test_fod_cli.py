@@ -196,7 +196,7 @@ def test_interrupt_is_not_a_traceback(data, tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(fod.train, "train", interrupted)
     assert main(["train", "--data", str(data), "--output", str(tmp_path / "o"), *TINY]) == 130
-    assert capsys.readouterr().err.strip() == "fod train: interrupted"
+    assert capsys.readouterr().err.strip() == "fod train: interrupted (SIGINT)"
 
 
 def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):
