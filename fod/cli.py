@@ -1,4 +1,4 @@
-"""Command line: ``fod train | test | predict | demo`` (also ``python -m fod``).
+"""Command line: ``fod train | test | predict | export | demo | benchmark | checkpoint`` (also ``python -m fod``).
 
 The options of the model and of the run are generated from ``fod.config.Config``'s fields (type,
 default and help in one place). Their argparse default is None, so that what the user typed can be
@@ -31,6 +31,7 @@ Export:       fod export --checkpoint runs/bottle/checkpoint.pt --format onnx --
 Reproduce:    fod train --config runs/bottle/config.toml --output runs/bottle-again
 Benchmark:    fod benchmark --data mvtec --dataset mvtec --output runs/mvtec [--devices cuda:0,cuda:1]
 Several GPUs: torchrun --nproc-per-node 4 -m fod train --device cuda --batch-size 2 ...  (global batch 4 x 2)
+Old checkpoint (pickle, earlier fod): fod checkpoint upgrade OLD.pt NEW.pt --trust   (only files you trust)
 """
 
 DEMO_DEFAULTS = CF.DEMO_DEFAULTS  # public name, kept
