@@ -130,15 +130,15 @@ def linear_step(model, x, opt, k):
     opt.step()
 
 
-def make_step(provider, L, seed=0):
-    """(step, warm_up) at window L for a provider: step() runs one training step; warm_up() one on the first 16
-    time steps of the same model and optimiser (Adam's state, thread pools) at a negligible cost."""
+def make_step(provider, L, seed=0, dtype=torch.float32, lr=1e-4):
+    """(step, warm_up, model) at window L for a provider: step() runs one training step; warm_up() one on the first
+    16 time steps of the same model and optimiser (Adam's state, thread pools) at a negligible cost."""
     torch.manual_seed(seed)
     c = CONFIG
     model = AnomalyTransformer(L, c["C"], c["C"], d_model=c["d_model"], n_heads=c["n_heads"],
-                               e_layers=c["e_layers"], d_ff=c["d_ff"])
-    x = torch.randn(c["B"], L, c["C"])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+                               e_layers=c["e_layers"], d_ff=c["d_ff"]).to(dtype)
+    x = torch.randn(c["B"], L, c["C"], dtype=dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     if provider == "official":
         off = OfficialFormulation(model, L)
         fn = off.step
@@ -148,13 +148,26 @@ def make_step(provider, L, seed=0):
         fn = partial(linear_step, model)
     else:
             raise ValueError(f"unknown provider {provider!r}; choose one of {AT_PROVIDERS}")
-    return (lambda: fn(x, opt, c["k"])), (lambda: fn(x[:, :16], opt, c["k"]))
+    return (lambda: fn(x, opt, c["k"])), (lambda: fn(x[:, :16], opt, c["k"])), model
+
+
+def test_official_formulation_matches_ours():
+    """The benchmark compares equal computations (skipped under --benchmark-only, like test_bench_sanity): the
+    official formulation's two backward passes give the gradients of our one backward, in float64."""
+    grads = {}
+    for provider in ("official", "ours"):
+        step, _, model = make_step(provider, 24, dtype=torch.float64, lr=0.0)
+        step()
+        grads[provider] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads["official"]) == set(grads["ours"])
+    for n, g in grads["official"].items():
+        assert torch.allclose(g, grads["ours"][n], rtol=1e-9, atol=1e-12), n
 
 
 # ----------------------------------------------------------------------------- memory (subprocess worker)
 
 def _memprobe(spec):
-    step, warm_up = make_step(spec["provider"], spec["L"])
+    step, warm_up, _ = make_step(spec["provider"], spec["L"])
     vm = P._proc_status()["VmSize"]
     resource.setrlimit(resource.RLIMIT_AS, (vm + int(spec["cap_bytes"]), resource.getrlimit(resource.RLIMIT_AS)[1]))
     meter = P.RssMeter()
@@ -215,7 +228,7 @@ def test_anomaly_transformer_step(benchmark, fod_session, at_case):
                                              mem_status=mem["status"], mem_error=mem.get("error"), cap_bytes=cap))
             return
         extra["peak_bytes"] = mem["peak_bytes"]
-    step, warm_up = make_step(provider, L)
+    step, warm_up, _ = make_step(provider, L)
     warm_up()
     one = _MEM.get((provider, L), {}).get("probe_step_s")
     if one is None:  # no memory probe (--fod-no-mem): time one step to size the rounds
