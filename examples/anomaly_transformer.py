@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing it
+from fod_kernels import BACKENDS  # noqa: E402
 from fod_kernels.models import AnomalyTransformer, anomaly_transformer_loss  # noqa: E402
 
 # name -> (files, training stride, anomaly ratio in %, epochs) of the official scripts (scripts/*.sh)
@@ -209,6 +210,8 @@ def parse_args(argv):
     for name in ("win_size", "epochs", "batch_size", "d_model", "n_heads", "e_layers", "d_ff", "stride"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if args.backend != "auto" and args.backend not in BACKENDS:
+        ap.error(f"--backend {args.backend!r}: choose auto or one of {', '.join(BACKENDS)}")
     if args.d_model % args.n_heads:
         ap.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
     if not 0 < args.anomaly_ratio < 100:

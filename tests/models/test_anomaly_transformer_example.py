@@ -139,6 +139,7 @@ def test_runs_on_files_in_the_official_layout(ex, tmp_path):
     (["--data-path", "/tmp"], "generated"),
     (["--d-model", "10", "--n-heads", "3"], "not divisible"),
     (["--win-size", "5000"], "longer than the series"),
+    (["--backend", "gpu"], "choose auto or one of"),
 ])
 def test_user_errors_are_one_line_and_exit_2(ex, capsys, argv, match):
     with pytest.raises(SystemExit) as e:
