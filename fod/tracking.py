@@ -98,12 +98,17 @@ class RunLog:
     @classmethod
     def for_training(cls, folder, *, steps_per_epoch: int, history: list, resume: bool, tensorboard: bool, log=None):
         """A training run's log: a fresh run starts both logs over (TensorBoard drops whatever a killed run left
-        in the folder); a resumed run continues from the checkpoint's ``history``."""
+        in the folder); a resumed run continues from the checkpoint's ``history``: the epochs it has that log.csv
+        lacks (a run killed between its checkpoint and its log, or one from before the logs) are logged now."""
         kept = {r["epoch"]: r for r in read_rows(Path(folder) / CSV_NAME)} if resume else {}
-        rows = [{**kept.get(h["epoch"], {}), **history_row(h, steps_per_epoch)} for h in history]
+        rows = [{**kept[h["epoch"]], **history_row(h, steps_per_epoch)} for h in history if h["epoch"] in kept]
         start = history[-1]["epoch"] if history else 0
-        return cls(folder, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, rows=rows,
-                   purge_step=start * steps_per_epoch + 1 if resume else 0, log=log)
+        rl = cls(folder, steps_per_epoch=steps_per_epoch, tensorboard=tensorboard, rows=rows,
+                 purge_step=start * steps_per_epoch + 1 if resume else 0, log=log)
+        for h in history:
+            if h["epoch"] not in kept:
+                rl.epoch(h)
+        return rl
 
     def step_of(self, epoch: int) -> int:
         return epoch * self.spe
