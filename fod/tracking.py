@@ -58,7 +58,8 @@ def read_rows(path) -> list[dict]:
                 rows.append({k: int(v) if k == "epoch" else float(v) for k, v in r.items()
                              if k and v not in ("", None)})
             except ValueError as exc:
-                raise ValueError(f"{path} is not a log written by fod: {exc}") from None
+                raise ValueError(f"{path} is not a log written by fod ({exc}); move it away and fod writes it "
+                                 "anew from the checkpoint's history") from None
     return [r for r in rows if "epoch" in r]
 
 

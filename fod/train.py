@@ -170,6 +170,8 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
         if diff:
             raise ValueError(f"--resume with a different configuration than {ck_path}: "
                              + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        if ctx.is_main:
+            T.read_rows(folder.path / T.CSV_NAME)  # a damaged log.csv is said now, not after the features
         if cfg.epochs < ck["epoch"]:
             raise ValueError(f"--resume --epochs {cfg.epochs}: {ck_path} has already been trained for {ck['epoch']} "
                              f"epochs; pass --epochs {ck['epoch']} or more (fod test evaluates it as it is)")

@@ -179,6 +179,23 @@ def test_resumed_runs_continue_the_curves(data, tmp_path, monkeypatch):
     assert rb[2]["test/image_auroc"] == ra[2]["test/image_auroc"]
 
 
+def test_a_damaged_log_is_said_before_the_resume_starts(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs", "1") == 0
+    (out / T.CSV_NAME).write_text("epoch,loss\n1,not a number\n")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert _train(data, out, "--epochs", "2", "--resume") == 2
+    text = capsys.readouterr().err
+    err = [line for line in text.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("fod train: error: ") and "is not a log written by fod" in err[0]
+    assert "features" not in text  # before the feature extraction
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / T.CSV_NAME).unlink()  # rebuilt from the checkpoint's history
+    assert _train(data, out, "--epochs", "2", "--resume") == 0
+    assert [r["epoch"] for r in _csv(out)] == ["1", "2"]
+
+
 def test_fod_test_logs_its_metrics_and_no_tensorboard_writes_none(data, tmp_path):
     run, tout = tmp_path / "run", tmp_path / "test"
     assert _train(data, run, "--epochs", "1", "--no-tensorboard") == 0
