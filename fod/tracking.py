@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,18 @@ def _writer_class(log):
                 "tensorboard for the event files; --no-tensorboard says this is meant)")
         return None
     return SummaryWriter
+
+
+def _after_earlier_files(folder: Path) -> bool:
+    """Whether ``folder`` holds event files of earlier writers; if one was made in this very second, wait for the
+    next: TensorBoard reads a folder's event files in the order of their names, which start with the second they
+    were made in, and a purge marker must come after what it purges (and an added evaluation after the purge
+    marker of the run it is added to)."""
+    seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
+    return bool(seconds)
 
 
 def read_rows(path) -> list[dict]:
@@ -111,6 +124,11 @@ class RunLog:
                 rl.epoch(h)
         return rl
 
+    @property
+    def events(self) -> bool:
+        """Whether this log writes TensorBoard event files."""
+        return self._writer_cls is not None
+
     def step_of(self, epoch: int) -> int:
         return epoch * self.spe
 
@@ -120,11 +138,13 @@ class RunLog:
             path = self.folder / EVENTS_NAME
             with writing(path):
                 path.mkdir(parents=True, exist_ok=True)
-                self._writer = self._writer_cls(str(path), purge_step=self.purge_step, flush_secs=30)
+                earlier = _after_earlier_files(path)
+                self._writer = self._writer_cls(str(path), purge_step=self.purge_step if earlier else None,
+                                                flush_secs=30)
         return self._writer
 
     def _scalars(self, values: dict, step: int):
-        if self._writer_cls is None:
+        if not self.events:
             return
         for tag, v in values.items():
             if v is not None and math.isfinite(v):  # a branch left out has NaN terms: no point
@@ -152,7 +172,7 @@ class RunLog:
 
     def heatmaps(self, epoch: int, examples, group: str):
         """(caption, HxWx3 uint8 overlay) pairs as images GROUP/<first line of the caption>."""
-        if self._writer_cls is None:
+        if not self.events:
             return
         for caption, image in examples:
             self.writer.add_image(f"{group}/{caption.splitlines()[0]}", image, self.step_of(epoch), dataformats="HWC")

@@ -255,6 +255,8 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
             tlog = T.RunLog.for_training(run_dir, steps_per_epoch=steps_per_epoch, history=history, resume=bool(ck),
                                          tensorboard=cfg.tensorboard, log=log)
             cleanup.callback(tlog.close)
+            if tlog.events:
+                log(f"fod: watch the run: tensorboard --logdir {folder.path}")
         saved = {"epoch": start if ck else None, "config": False}
 
         def save(epoch, extra=None):

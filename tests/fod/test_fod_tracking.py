@@ -292,6 +292,22 @@ def test_only_rank_0_writes_under_torchrun(tmp_path):
     assert [float(r["loss"]) for r in _csv(out)] == [h["loss"] for h in hist]
 
 
+def test_a_writer_made_in_the_same_second_comes_after_the_earlier_ones(tmp_path, monkeypatch):
+    """TensorBoard reads event files in name order: second, host, process, then a counter ("...10" sorts before
+    "...9"). A resume's purge marker read before what it purges would purge nothing, and be undone."""
+    import tensorboard.summary.writer.event_file_writer as efw
+    uids = iter([9, 10])
+    monkeypatch.setattr(efw, "_global_uid", type("Uid", (), {"get": lambda self: next(uids)})())
+    first = T.RunLog(tmp_path, steps_per_epoch=1, tensorboard=True)
+    for step in (1, 2):
+        first.train_step(step, {"loss": float(step)})
+    first.close()
+    second = T.RunLog(tmp_path, steps_per_epoch=1, tensorboard=True, purge_step=2)  # resumed after step 1
+    second.train_step(2, {"loss": 20.0})
+    second.close()
+    assert _points(_events(tmp_path), "step/loss") == [(1, 1.0), (2, 20.0)]
+
+
 finite_or_not = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.none())
 
 
