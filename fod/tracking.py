@@ -55,7 +55,7 @@ def _after_earlier_files(folder: Path) -> bool:
     seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
                if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
     if seconds:
-        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
+        time.sleep(min(1.0, max(0.0, max(seconds) + 1 - time.time())))  # 1 s at most (another machine's clock)
     return bool(seconds)
 
 
