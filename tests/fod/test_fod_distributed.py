@@ -203,7 +203,8 @@ def test_two_processes_equal_one_with_the_global_batch(runs):
         torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)
     _assert_same_weights(ref["models"], ck["models"])
     # rank 0 alone wrote the outputs and logged: one set of epoch lines
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoint.pt", "config.toml", "metrics.json", "summary.png"]
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoint.pt", "config.toml", "log.csv", "metrics.json",
+                                                    "summary.png", "tensorboard"]
     assert proc.stderr.count("epoch 2/2: loss") == 1
 
 
