@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import fod_kernels as fk
 from fod_kernels import backend_cuda
-from fod_kernels._custom_op import make_kernel_op
+from fod_kernels._custom_op import register_backend
 from helpers import assert_backends_agree, assert_fa_rule, backend_fn, check_backend, make_branch, \
     opcheck_strided, reference_fn, upstream, values_and_grads
 from fod_kernels.reference import correlation_reference
@@ -97,7 +97,7 @@ def _sim_op(mod, name="cuda_sim"):
         return mod.backward(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols,
                             scale, eps)
 
-    return make_kernel_op(name, fwd, bwd)
+    return register_backend(name, fwd, bwd)
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +318,7 @@ def sim_backend(sim_mod):
     saved = backend_cuda._ext_mod
     backend_cuda._ext_mod = Recording
     try:
-        yield make_kernel_op("cuda_sim_backend", backend_cuda.fwd, backend_cuda.bwd), seen
+        yield register_backend("cuda_sim_backend", backend_cuda.fwd, backend_cuda.bwd), seen
     finally:
         backend_cuda._ext_mod = saved
 
