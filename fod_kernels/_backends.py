@@ -148,5 +148,6 @@ def _load_runner(name: str):
 
 
 def get_runner(name: str):
-    """run(branches, rows, cols, scale, eps, need_stats) of a kernel backend."""
+    """The KernelRunner of a kernel backend: run(branches, rows, cols, scale, eps, need_stats, masks=None)
+    (fod_kernels/_custom_op.py)."""
     return _runners[name] if name in _runners else _load_runner(name)
