@@ -204,6 +204,17 @@ def test_sim_low_precision_inputs_read_float32_sigma(sim_run, dtype):
     assert ds.dtype == torch.float32 and torch.isfinite(ds).all() and ds.abs().max() > 0
 
 
+@pytest.mark.parametrize("needs", ["s", "v", "q", "qkvs"])
+def test_sim_requires_grad_follows_the_formulas(sim_run, needs):
+    """As every backend (test_meta_and_grad_rule.py): out needs q, k or v; kl_attn and entropy q or k; kl_prior
+    sigma. Before, the wrapper marked every result as requiring grad (with a zero gradient) when any input did."""
+    from test_meta_and_grad_rule import _rule
+    flags = [c in needs for c in "qkvs"]
+    br = [t.detach().requires_grad_(n) for t, n in zip(make_branch(1, 2, 12, 8, 1), flags)]
+    res = sim_run([br], 3, 4, 8 ** -0.5, 1e-4, [True])[0]
+    assert tuple(t.requires_grad for t in res) == _rule(*flags)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("eps", [1e-4, 0.0])
 def test_sim_sigma_below_minimum(sim_run, eps):
