@@ -182,6 +182,9 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
         res["fod_check"] = {k: abs(own[k] - main[k]) for k in METRICS}
         res["checkpoint_epoch"] = epoch
         atomic_write_text(run / BASELINES_FILE, json.dumps(res, indent=2))
+        from .tracking import add_evaluation  # the run's log: tensorboard --logdir OUTPUT compares them all
+        add_evaluation(run, fod.checkpoint, {f"{n}/{k}": v[k] for n, v in res["methods"].items() for k in METRICS},
+                       "baseline", tensorboard=cfg.tensorboard, log=lambda m: log(f"[{name}] {m}"))
     return category_record(name, run)
 
 

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on a category's normal images, then evaluate the final model once",
                        description="Train on DATA/train, then evaluate the final model once on DATA/test. Writes "
-                                   "config.toml, checkpoint.pt (after every epoch), metrics.json, heatmaps/ and "
+                                   "config.toml, checkpoint.pt and log.csv (after every epoch), tensorboard/ (as it "
+                                   "goes; watch with: tensorboard --logdir OUTPUT), metrics.json, heatmaps/ and "
                                    "summary.png.")
     p.add_argument("--data", dest=_dest("data"), default=None, metavar="DIR",
                    help="category directory, e.g. mvtec/bottle (required unless --config gives it)")
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p)
 
     p = sub.add_parser("test", help="evaluate a checkpoint on a test set",
-                       description="Evaluate a trained checkpoint on DATA/test: metrics.json, heatmaps/, summary.png.")
+                       description="Evaluate a trained checkpoint on DATA/test: metrics.json, heatmaps/, summary.png, "
+                                   "log.csv and tensorboard/ (the metrics at the checkpoint's training step).")
     p.add_argument("--data", required=True, help="category directory")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--output", required=True, help="output directory")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     _max_pixels(p)
-    add_config_options(p, groups=(CF.RUN_OPTIONS,))
+    add_config_options(p, groups=(CF.RUN_OPTIONS,), skip=("tensorboard",))  # predict logs no run
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (runs without fod installed)",
                        description="Write the model of a checkpoint as an ONNX or TorchScript file taking a float32 "
@@ -272,7 +274,8 @@ def main(argv=None) -> int:
             kw = dict(device=run.get("device", "cpu"), backend=run.get("backend"), overwrite=args.overwrite,
                       amp=run.get("amp", False), workers=run.get("num_workers"), heatmaps=run.get("heatmaps", -1))
             if args.command == "test":
-                test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size, **kw)
+                test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size,
+                     tensorboard=run.get("tensorboard", True), **kw)
             else:
                 predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
         elif args.command == "export":

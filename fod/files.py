@@ -30,10 +30,13 @@ MANIFEST = ".fod-manifest.json"  # the files fod wrote into an output folder: --
 STAGE_PREFIX = ".fod-tmp-"
 TMP_MARK = ".tmp"  # temporary files are NAME.tmp-PID-RANDOM (and NAME.tmp from older versions)
 
+# A run's logs (fod.tracking): products of train and test, moved into place and replaced as the others are, but
+# not results: a folder holding only the logs of a run killed before its first checkpoint takes a fresh run.
+LOGS = ("log.csv", "tensorboard")
 # What each command writes into its output folder, and the file that marks a folder as that command's.
 PRODUCTS = {
-    "train": ("checkpoint.pt", "config.toml", "metrics.json", "summary.png", "heatmaps"),
-    "test": ("metrics.json", "summary.png", "heatmaps"),
+    "train": ("checkpoint.pt", "config.toml", "metrics.json", "summary.png", "heatmaps", *LOGS),
+    "test": ("metrics.json", "summary.png", "heatmaps", *LOGS),
     "predict": ("scores.json", "maps.npz", "heatmaps", "masks"),
 }
 
@@ -275,7 +278,8 @@ class OutputFolder:
         self.lock: Optional[OutputLock] = None
 
     def existing(self) -> list[str]:
-        return [p for p in self.products if (self.path / p).exists()] if self.path.is_dir() else []
+        """This command's results in the folder (its logs alone are none)."""
+        return [p for p in self.products if p not in LOGS and (self.path / p).exists()] if self.path.is_dir() else []
 
     def _check_contents(self):
         if not self.path.is_dir():

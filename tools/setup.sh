@@ -18,7 +18,9 @@ mods = {"numpy": "numpy", "scipy": "scipy", "sklearn": "scikit-learn", "PIL": "p
         "hypothesis": "hypothesis",
         "pytest_benchmark": "pytest-benchmark", "triton": "triton>=3.6", "ruff": "ruff",
         # fod export and its tests (the 'export' extra): about 40 MB of wheels
-        "onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
+        "onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime",
+        # training curves as TensorBoard event files (the 'tensorboard' extra; fod writes log.csv without it)
+        "tensorboard": "tensorboard"}
 print(" ".join(p for m, p in mods.items() if u.find_spec(m) is None))
 PY
 )

@@ -205,7 +205,7 @@ def test_two_processes_equal_one_with_the_global_batch(runs):
     _assert_same_weights(ref["models"], ck["models"])
     # rank 0 alone wrote the outputs and logged: one set of epoch lines
     assert sorted(p.name for p in two.iterdir() if p.name != ".fod-manifest.json") == [
-        "checkpoint.pt", "config.toml", "metrics.json", "summary.png"]
+        "checkpoint.pt", "config.toml", "log.csv", "metrics.json", "summary.png", "tensorboard"]
     assert proc.stderr.count("epoch 2/2: loss") == 1
 
 

@@ -210,7 +210,8 @@ def test_out_of_space_at_a_heat_map_write_leaves_the_previous_results_whole(run2
     assert _main("test", "--data", _data_of(run2), "--checkpoint", ck, "--output", out, "--overwrite",
                  "--backend", "reference", "--heatmaps", "0") == 0
     assert not (out / "heatmaps").exists()
-    assert sorted(p.name for p in out.iterdir() if p.name != files.MANIFEST) == ["metrics.json", "summary.png"]
+    assert sorted(p.name for p in out.iterdir() if p.name != files.MANIFEST) == [
+        "log.csv", "metrics.json", "summary.png", "tensorboard"]
 
 
 def _data_of(run2):
