@@ -33,6 +33,7 @@ TMP_MARK = ".tmp"  # temporary files are NAME.tmp-PID-RANDOM (and NAME.tmp from 
 # A run's logs (fod.tracking): products of train and test, moved into place and replaced as the others are, but
 # not results: a folder holding only the logs of a run killed before its first checkpoint takes a fresh run.
 LOGS = ("log.csv", "tensorboard")
+EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files, the only files fod writes into tensorboard/
 # What each command writes into its output folder, and the file that marks a folder as that command's.
 PRODUCTS = {
     "train": ("checkpoint.pt", "config.toml", "metrics.json", "summary.png", "heatmaps", *LOGS),
@@ -362,6 +363,18 @@ class OutputFolder:
         atomic_write_text(self.path / MANIFEST, json.dumps({"command": self.command, "files": sorted(files)},
                                                            indent=1))
 
+    def _in_place_files(self) -> set[str]:
+        """The products this run wrote in place, as manifest entries: a folder (tensorboard/) by its files, so
+        that a later --overwrite removes them and leaves a user's file there alone."""
+        out = set()
+        for n in self.in_place:
+            p = self.path / n
+            if p.is_dir() and not p.is_symlink():
+                out |= {f"{n}/{f.name}" for f in p.glob(EVENTS_GLOB if n == LOGS[1] else "*") if f.is_file()}
+            elif p.exists():
+                out.add(n)
+        return out
+
     def commit(self):
         """Move the staged products into place; remove this command's products that were not made this time.
         In product folders (heatmaps/, masks/) only the files fod wrote (the manifest) are replaced or removed:
@@ -381,11 +394,13 @@ class OutputFolder:
                                   f"{MANIFEST}) and would replace: move them, or choose another --output")
         trash = self.stage / ".replaced"
         trash.mkdir()
-        self._write_manifest(prev | new | {n for n in self.in_place if (self.path / n).exists()})  # a crash: both
+        self._write_manifest(prev | new | self._in_place_files())  # a crash: both
         # metrics.json / scores.json last: once they are there, the rest of the run is in place too
         order = sorted(self.products, key=lambda n: n in ("metrics.json", "scores.json"))
         for name in order:
             target = self.path / name
+            if name in self.in_place and name not in made:
+                continue  # written in place by this run (train's checkpoint, its live logs)
             if (self.stage / name).is_dir() or (name not in made and target.is_dir() and not target.is_symlink()):
                 (trash / name).mkdir()
                 for rel in sorted(r for r in prev if r.startswith(name + "/")):
@@ -404,5 +419,5 @@ class OutputFolder:
                     os.replace(self.stage / name, target)
             elif name not in self.in_place and (target.exists() or target.is_symlink()):
                 os.replace(target, trash / name)
-        self._write_manifest(new | {n for n in self.in_place if (self.path / n).exists()})
+        self._write_manifest(new | self._in_place_files())
         self.created = []  # the folder holds results now: keep it

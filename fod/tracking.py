@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .files import LOGS, atomic_write_text, writing
+from .files import EVENTS_GLOB, LOGS, atomic_write_text, writing
 
 CSV_NAME, EVENTS_NAME = LOGS
 # log.csv's columns from a training run's history, in this order (the history's keys)
@@ -52,7 +52,7 @@ def _after_earlier_files(folder: Path) -> bool:
     next: TensorBoard reads a folder's event files in the order of their names, which start with the second they
     were made in, and a purge marker must come after what it purges (and an added evaluation after the purge
     marker of the run it is added to)."""
-    seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+    seconds = [int(p.name.split(".")[3]) for p in folder.glob(EVENTS_GLOB)
                if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
     if seconds:
         time.sleep(min(1.0, max(0.0, max(seconds) + 1 - time.time())))  # 1 s at most (another machine's clock)

@@ -249,6 +249,19 @@ def test_overwrite_replaces_the_logs_only_when_it_succeeds(data, tmp_path, monke
     assert len(list((out / T.EVENTS_NAME).iterdir())) == 1
 
 
+def test_overwrite_after_resume_removes_the_old_events_and_no_user_file(data, tmp_path):
+    """A run written in place (fresh, then resumed) lists its event files in the manifest: --overwrite removes
+    them (no curves of two runs in one folder) and leaves a user's file in tensorboard/ alone."""
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs", "1") == 0
+    assert _train(data, out, "--epochs", "2", "--resume") == 0
+    (out / T.EVENTS_NAME / "notes.txt").write_text("mine")
+    assert _train(data, out, "--epochs", "1", "--overwrite") == 0
+    assert [s for s, _ in _points(_events(out), "step/loss")] == [1, 2]
+    assert sorted(p.name.startswith("events.") for p in (out / T.EVENTS_NAME).iterdir()) == [False, True]
+    assert (out / T.EVENTS_NAME / "notes.txt").read_text() == "mine"
+
+
 def test_benchmark_adds_the_baselines_to_each_category_s_log(tmp_path):
     root = tmp_path / "root"
     for i, c in enumerate("ab"):
