@@ -200,6 +200,8 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
                              + ("" if cfg.d_model else f" (the default for its {g[0]}x{g[1]} grid)")
                              + "; choose --heads dividing it, or --d-model")
     fod = FOD(cfg, backbone, grids)
+    if ck:
+        C.restore(fod, ck, ck_path)  # before any long work: models and memory must fit the rebuilt model
     backend = resolve_backend(cfg.backend, torch.device(device))
     fod.to(device)
     fod.set_backend(backend)
@@ -231,8 +233,7 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
         mine = D.shard_of(fit_ds)  # several processes: each extracts the features of its shard
         cached = extract_features(fod, mine, cfg, device, "features") if cfg.cache_features else None
         if ck:
-            fod.memories = [m.to(device) for m in ck["memory"]]
-            fod.models.load_state_dict(ck["models"])
+            fod.memories = [m.to(device) for m in fod.memories]
         else:
             fod.memories = [m.to(device) for m in reference_memory(
                 fod, mine, cfg, device, cached, reduce=D.all_reduce_sum if ctx.distributed else None)]
