@@ -55,6 +55,10 @@ def pytest_addoption(parser):
     g.addoption("--fod-cpu-floor", action="store_true",
                 help="one branch fwd+bwd: cpu kernels per instruction-set variant, SDPA, reference, and the rates "
                      "of the floor (test_bench_cpu_floor.py, cpu_floor.py)")
+    g.addoption("--at-windows", default="100,512",
+                help="Anomaly Transformer train-step windows (issue 22: 100,512,2048,8192; default 100,512)")
+    g.addoption("--at-mem-cap-gb", type=float, default=8.0,
+                help="memory cap of one Anomaly Transformer step's peak-memory probe (GiB)")
     g.addoption("--fod-model-batch", type=int, default=0, help="batch of the full-model benchmark (1 CPU, 8 CUDA)")
 
 

@@ -182,6 +182,9 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
         res["fod_check"] = {k: abs(own[k] - main[k]) for k in METRICS}
         res["checkpoint_epoch"] = epoch
         atomic_write_text(run / BASELINES_FILE, json.dumps(res, indent=2))
+        from .tracking import add_evaluation  # the run's log: tensorboard --logdir OUTPUT compares them all
+        add_evaluation(run, fod.checkpoint, {f"{n}/{k}": v[k] for n, v in res["methods"].items() for k in METRICS},
+                       "baseline", tensorboard=cfg.tensorboard, log=lambda m: log(f"[{name}] {m}"))
     return category_record(name, run)
 
 
@@ -217,6 +220,9 @@ def _child(cfg_dict: dict, run: str, device: str, coreset: float, overwrite: boo
     except (OSError, AttributeError):
         pass
     import torch
+
+    from .interrupt import install
+    install()  # terminated by the benchmark process: clean up as after SIGINT
     torch.set_num_threads(threads)
     cfg = from_dict({**cfg_dict, "device": device})
     name = Path(run).name
@@ -323,6 +329,10 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
         if conflicts:
             raise FileExistsError("; ".join(conflicts) + ". Use another --output, the same options, or --overwrite "
                                   "to start those categories over")
+        from .checkpoint import check_format
+        for _, _, run in jobs:  # a checkpoint to resume in an old or foreign format: one error now, before any work
+            if (run / "checkpoint.pt").is_file():
+                check_format((run / "checkpoint.pt").read_bytes(), run / "checkpoint.pt")
     D.checks_passed()  # several processes: every one passed its checks (else all stop here)
     if ctx.distributed:
         patient = D.patient_group()  # the final gather waits for the slowest process, however long it takes

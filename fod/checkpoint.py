@@ -6,14 +6,18 @@ weights and where they came from), the preprocessing (interpolation, mean, std),
 RNG state, the history and timings, the decision thresholds (``calibration``: see fod.calibrate; None
 when none were set), the number of processes and the global batch it was trained with (``world_size``,
 ``global_batch_size``: nothing else in it depends on the number of processes, and --resume continues it on
-any number that keeps the global batch), and a SHA-256 of all of it (``sha256``, over the values: tensors
-by dtype, shape and bytes) that is verified on load. Non-finite weights are never saved and refused on
-load. Format v1 (no checksum, no preprocessing entry: bilinear resize, ImageNet normalisation) is still
-read, with a note.
+any number that keeps the global batch). Non-finite weights are never saved and refused on load.
+
+File format (v3, docs/SECURITY.md): fod.safeformat, a first line ``fod-checkpoint-v3 sha256=<digest>`` and a
+safetensors payload whose metadata holds the plain data as JSON; reading it runs no unpickler, and the
+SHA-256 is verified before any byte of it is parsed. The loaded dict's ``sha256`` is that digest. Checkpoints
+of earlier versions (v1, v2: torch.save pickles, which can run code when read) are refused with the command
+that converts a trusted one (``fod checkpoint upgrade OLD NEW --trust``, fod.upgrade).
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import math
 import random
 import warnings
 from pathlib import Path
@@ -23,15 +27,15 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .config import Config, from_dict, to_dict
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .files import atomic_save
+from . import safeformat as SF
+from .config import Config, check_config, from_dict, to_dict
+from .files import atomic_write
 from .model import FOD
 
-CHECKPOINT_FORMAT = "fod-checkpoint-v2"
-OLD_FORMATS = ("fod-checkpoint-v1",)
+CHECKPOINT_FORMAT = "fod-checkpoint-v3"
+PICKLED_FORMATS = ("fod-checkpoint-v1", "fod-checkpoint-v2")  # fod.upgrade converts them
 # what scoring needs; resuming also needs the optimiser and RNG states
-REQUIRED = ("config", "epoch", "grids", "models", "memory", "backbone", "history")
+REQUIRED = ("config", "epoch", "grids", "models", "memory", "backbone", "preprocess", "history")
 REQUIRED_FOR_RESUME = ("optimizer", "rng", "train_seconds")
 
 
@@ -64,36 +68,6 @@ def seed_all(seed: int):
     torch.manual_seed(seed)
 
 
-def _hash(h, obj):
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, np.ndarray):
-        h.update(f"A{obj.dtype.str}{obj.shape}".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}".encode())
-        for k in sorted(obj, key=repr):
-            h.update(repr(k).encode())
-            _hash(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
-        for x in obj:
-            _hash(h, x)
-    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        raise TypeError(f"cannot checksum a {type(obj).__name__} in a checkpoint")
-
-
-def digest(ck: dict) -> str:
-    """SHA-256 over every value of the checkpoint except its ``sha256`` entry."""
-    h = hashlib.sha256()
-    _hash(h, {k: v for k, v in ck.items() if k != "sha256"})
-    return h.hexdigest()
-
-
 def nonfinite(tensors: dict) -> list[str]:
     """Names of the floating-point tensors that hold NaN or inf."""
     return [k for k, t in tensors.items()
@@ -118,8 +92,18 @@ def save(path: Path, *, cfg: Config, fod: FOD, optimizer, gen: torch.Generator, 
           "preprocess": {"interpolation": cfg.interpolation, "mean": list(bb.mean), "std": list(bb.std)},
           "rng": rng_state(gen), "history": history, "train_seconds": train_seconds,
           "compat": compat, **(extra or {})}
-    ck["sha256"] = digest(ck)
-    atomic_save(ck, path)
+    write(ck, path)
+
+
+def write(ck: dict, path):
+    """Write the checkpoint dict ``ck`` atomically in the current format (its ``sha256`` entry, if any, is
+    recomputed: it is the file's digest). Encoded in memory first, so a write fails before the file is touched."""
+    raw = SF.dumps(CHECKPOINT_FORMAT, {k: v for k, v in ck.items() if k != "sha256"})
+    atomic_write(path, lambda f: f.write(raw))
+
+
+def upgrade_hint(path) -> str:
+    return f"fod checkpoint upgrade {path} NEW.pt --trust"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -127,9 +111,83 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+def check_format(raw: bytes, path) -> tuple[str, str]:
+    """(format, digest) of a checkpoint file's first line; a CheckpointError naming the file for anything other
+    than the current format (a pickle of an earlier version: the conversion command). Parses nothing."""
+    head = SF.header(raw)
+    if head is None:
+        if raw[:2] == b"PK" or raw[:1] == b"\x80":  # torch.save's zip, or a raw pickle: never unpickled
+            if b"fod-checkpoint-v" in raw:
+                raise CheckpointError(
+                    f"checkpoint {path} is in the pickle format of an earlier fod version, which can run code when "
+                    f"read, and is not loaded; if you trust where it came from, convert it once: "
+                    f"{upgrade_hint(path)}")
+            raise CheckpointError(f"{path} is not a FOD checkpoint (it is a pickle file, which fod does not read: "
+                                  "unpickling can run code)")
+        if raw.startswith(b"fod-checkpoint-"):
+            raise CheckpointError(f"checkpoint {path} is damaged: its first line is cut or altered")
+        raise CheckpointError(f"{path} is not a FOD checkpoint (it does not start with "
+                              f"'{CHECKPOINT_FORMAT} sha256=')")
+    if head[0] != CHECKPOINT_FORMAT:
+        if head[0].startswith("fod-checkpoint-"):
+            raise CheckpointError(f"checkpoint {path} has format {head[0]!r}, which this version of fod does not "
+                                  f"read (it reads {CHECKPOINT_FORMAT}); use the fod version that wrote it")
+        raise CheckpointError(f"{path} is not a FOD checkpoint (it is a {head[0]!r} file)")
+    return head
+
+
+def _tensor_dict(d) -> bool:
+    return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def _numbers(x, n: int) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+
+
+def _malformed(ck: dict) -> Optional[str]:
+    """What in a checkpoint's parsed data has the wrong kind (a file with a valid checksum written by other
+    code), or None. Shapes against the model are checked when it is rebuilt (restore())."""
+    bb, pre = ck["backbone"], ck["preprocess"]
+    checks = (
+        ("config", isinstance(ck["config"], dict)),
+        ("epoch", isinstance(ck["epoch"], int) and not isinstance(ck["epoch"], bool) and ck["epoch"] >= 0),
+        ("grids", isinstance(ck["grids"], (list, tuple)) and len(ck["grids"]) > 0 and all(
+            _numbers(g, 2) and all(isinstance(v, int) and v > 0 for v in g) for g in ck["grids"])),
+        ("models", _tensor_dict(ck["models"])),
+        ("memory", isinstance(ck["memory"], (list, tuple)) and all(
+            isinstance(m, torch.Tensor) and m.is_floating_point() and m.dim() == 2 for m in ck["memory"])),
+        ("backbone", isinstance(bb, dict) and isinstance(bb.get("name"), str) and _tensor_dict(bb.get("state_dict"))
+         and isinstance(bb.get("levels"), list) and all(isinstance(v, str) for v in bb["levels"])),
+        ("preprocess", isinstance(pre, dict) and _numbers(pre.get("mean"), 3) and _numbers(pre.get("std"), 3)
+         and all(v > 0 for v in pre["std"])),
+        ("history", isinstance(ck["history"], list) and all(isinstance(h, dict) for h in ck["history"])),
+        ("calibration", ck.get("calibration") is None or isinstance(ck["calibration"], dict)),
+    )
+    bad = [name for name, ok in checks if not ok]
+    return f"its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not what fod writes" if bad else None
+
+
+def restore(fod: FOD, ck: dict, path="checkpoint"):
+    """Load a checkpoint's level models and reference memories into ``fod`` (built from the checkpoint's
+    configuration and backbone); a CheckpointError naming the file for anything that does not fit."""
+    expect = [(g[0] * g[1], c) for g, c in zip(fod.grids, fod.backbone.channels)]
+    got = [tuple(m.shape) for m in ck["memory"]]
+    if got != expect:
+        raise CheckpointError(f"checkpoint {path} is damaged: its reference memory has shapes {got}, its model "
+                              f"needs {expect}")
+    try:
+        fod.models.load_state_dict(ck["models"])
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt ({_first_line(exc)})") from None
+    fod.memories = [m.float() for m in ck["memory"]]
+
+
 def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
     """The checkpoint's dict, after checking that it is a complete, undamaged FOD checkpoint with finite
-    weights. Every problem is a CheckpointError (or FileNotFoundError) naming the file."""
+    weights. Every problem is a CheckpointError (or FileNotFoundError) naming the file. The file is read once
+    into memory; its checksum is verified on those bytes before they are parsed. Nothing in it is unpickled.
+    (``log``: for notes on the file; the current format needs none.)"""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint.pt file in it")
@@ -137,57 +195,41 @@ def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]]
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    raw = path.read_bytes()
+    head = check_format(raw, path)
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, damaged or not a PyTorch file "
-                              f"({_first_line(exc)})") from None
-    fmt = ck.get("format") if isinstance(ck, dict) else None
-    if fmt != CHECKPOINT_FORMAT and fmt not in OLD_FORMATS:
-        if isinstance(fmt, str) and fmt.startswith("fod-checkpoint-"):
-            raise CheckpointError(f"checkpoint {path} has format {fmt!r}, which this version of fod does not read "
-                                  f"(it reads {', '.join((CHECKPOINT_FORMAT, *OLD_FORMATS))}); use the fod "
-                                  "version that wrote it")
-        raise CheckpointError(f"{path} is not a FOD checkpoint (no format entry {CHECKPOINT_FORMAT!r}; "
-                              "it holds " + (f"a dict with keys {', '.join(map(str, list(ck)[:8]))}"
-                                             if isinstance(ck, dict) else f"a {type(ck).__name__}") + ")")
+        ck = SF.loads(raw, CHECKPOINT_FORMAT)
+    except SF.FormatError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: it holds a {type(ck).__name__}, not a dict")
+    ck["format"], ck["sha256"] = head
     missing = [k for k in REQUIRED + (REQUIRED_FOR_RESUME if resume else ()) if k not in ck]
-    if fmt == CHECKPOINT_FORMAT:
-        if "sha256" not in ck:
-            missing.append("sha256")
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")
-        try:
-            ok = digest(ck) == ck["sha256"]
-        except Exception:
-            ok = False
-        if not ok:
-            raise CheckpointError(f"checkpoint {path} is damaged: its content does not match its SHA-256 checksum")
-    else:
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")
-        if log:
-            log(f"fod: {path} is an old checkpoint ({fmt}): it has no checksum (not verified) and was trained with "
-                "bilinear resizing and ImageNet normalisation, which are used for it")
-    try:
-        tensors = dict(ck["models"])
-        tensors.update({f"memory[{i}]": m for i, m in enumerate(ck["memory"])})
-        tensors.update({f"backbone.{k}": v for k, v in ck["backbone"]["state_dict"].items()})
-        bad = nonfinite(tensors)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged ({_first_line(exc)})") from None
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")
+    wrong = _malformed(ck)
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is damaged: {wrong}")
+    tensors = dict(ck["models"])
+    tensors.update({f"memory[{i}]": m for i, m in enumerate(ck["memory"])})
+    tensors.update({f"backbone.{k}": v for k, v in ck["backbone"]["state_dict"].items()})
+    bad = nonfinite(tensors)
     if bad:
         raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights: {', '.join(bad[:5])}")
     return ck
 
 
 def config_of(ck: dict, path="checkpoint") -> Config:
+    """The checkpoint's configuration, its types and values checked (paths it names need not exist here)."""
     # checkpoints written before the embedding bias became an option had embeddings without one; those written
     # before calibration trained on every training image
     d = {"embed_bias": False, "val_fraction": 0.0, **ck["config"]}
-    if "preprocess" not in ck:  # format v1: trained with bilinear resizing
-        d.setdefault("interpolation", "bilinear")
-    return from_dict(d, where=str(path))
+    try:
+        cfg = from_dict(d, where="its configuration")
+        check_config(dataclasses.replace(cfg, weights=None, val=None))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
+    return cfg
 
 
 def backbone_from_checkpoint(ck: dict, path="checkpoint") -> Backbone:
@@ -200,7 +242,7 @@ def backbone_from_checkpoint(ck: dict, path="checkpoint") -> Backbone:
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: its backbone cannot be rebuilt ({_first_line(exc)})") from None
     bb.weights_source = info["weights_source"]
-    pre = ck.get("preprocess") or {"mean": IMAGENET_MEAN.tolist(), "std": IMAGENET_STD.tolist()}
+    pre = ck["preprocess"]
     bb.mean, bb.std = tuple(float(x) for x in pre["mean"]), tuple(float(x) for x in pre["std"])
     return bb
 
@@ -214,10 +256,10 @@ def load(path, device: str = "cpu", backend: Optional[str] = None, *, log=None) 
         cfg.backend = backend
     bb = backbone_from_checkpoint(ck, path)
     try:
-        fod = FOD(cfg, bb, ck["grids"], [m for m in ck["memory"]])
-        fod.models.load_state_dict(ck["models"])
+        fod = FOD(cfg, bb, ck["grids"])
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt ({_first_line(exc)})") from None
+    restore(fod, ck, path)
     fod.checkpoint = ck
     return fod.to_device(device)
 

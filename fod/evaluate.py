@@ -15,10 +15,12 @@ from . import checkpoint as C
 from . import distributed as D
 from . import metrics as M
 from . import report as R
+from . import tracking as T
 from . import viz
 from .config import Config, check_run_options, to_dict
 from .data import AnomalyDataset, check_split, image_size_of, scan_sizes
-from .files import OutputFolder, atomic_write_text, refuse_inside, write_npz, write_png
+from .files import (OutputFolder, atomic_write_text, open_for_write, refuse_inputs_inside, refuse_inside, write_npz,
+                    write_png, writing)
 from .model import FOD, loader
 
 
@@ -103,8 +105,10 @@ def _run_setup(checkpoint, *, device, backend, amp, workers, heatmaps, batch_siz
 
 def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str = "cpu",
          backend: Optional[str] = None, batch_size: Optional[int] = None, overwrite: bool = False,
-         heatmaps: int = -1, amp: bool = False, workers: Optional[int] = None, log=R.say) -> dict:
-    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png.
+         heatmaps: int = -1, amp: bool = False, workers: Optional[int] = None, tensorboard: bool = True,
+         log=R.say) -> dict:
+    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png, and the metrics in log.csv
+    and (``tensorboard``) tensorboard/ at the checkpoint's epoch and step (fod.tracking).
 
     Under torchrun (several processes): each process scores its shard (``batch_size`` per process), rank 0
     computes the metrics, writes the outputs and returns the metrics; the other processes return None."""
@@ -139,6 +143,9 @@ def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str
         written = R.write_outputs(o.stage, cfg=shown, ds=ds, res=res, metrics=metrics,
                                   history=fod.checkpoint.get("history", []), heatmaps=heatmaps,
                                   title_extra=" (fod test)")
+        T.add_evaluation(o.stage, fod.checkpoint, T.evaluation_values(res), "test", tensorboard=tensorboard,
+                         examples=R.summary_examples(ds, res, *R.map_scale(res), k=T.HEATMAPS), log=log)
+        written += [p.name + "/" * p.is_dir() for p in map(o.stage.joinpath, T.LOGS) if p.exists()]
         o.commit()
     CAL.log_threshold_metrics(metrics["thresholds"], log)
     R.log_metrics(metrics, folder.path, ", ".join(written), log)
@@ -159,6 +166,7 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
     paths = list(dict.fromkeys(Path(p) for p in images))  # an image given twice is scored once (keyed by path)
     if not paths:
         raise ValueError("no images given to predict")
+    refuse_inputs_inside(output, paths)
     for p in paths:
         if p.is_dir():
             raise IsADirectoryError(f"{p} is a folder, not an image file (give the image files, e.g. {p}/*.png)")
@@ -185,7 +193,8 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
         result = {}
         preds = det.predict([str(p) for p in paths])
         for i, pr in enumerate(tqdm(preds, total=len(paths), desc="predict", unit="image", leave=False)):
-            np.save(parts / f"{i}.npy", pr.anomaly_map)
+            with writing(parts / f"{i}.npy"), open_for_write(parts / f"{i}.npy") as f:
+                np.save(f, pr.anomaly_map)
             lo, hi = min(lo, float(pr.anomaly_map.min())), max(hi, float(pr.anomaly_map.max()))
             mask = None
             if pr.mask is not None:

@@ -7,6 +7,7 @@ epochs) and says so.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -18,7 +19,9 @@ from tqdm import tqdm
 from . import calibrate as CAL
 from . import checkpoint as C
 from . import distributed as D
+from . import interrupt as INT
 from . import report as R
+from . import tracking as T
 from .backbone import build_backbone
 from .config import Config, resume_differences, to_dict, to_toml
 from .data import AnomalyDataset, Preprocess, check_split, scan_sizes
@@ -42,9 +45,10 @@ def loss_terms(out, x, intra, inter) -> dict:
 
 
 def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Generator, n: int, *, cached=None,
-                train_ds=None, desc: str = "epoch", epoch: int = 0, ddp=None) -> dict:
+                train_ds=None, desc: str = "epoch", epoch: int = 0, ddp=None, on_step=None) -> dict:
     """One pass over the ``n`` training images in the order drawn from ``gen``: sample-weighted means of
-    the loss and its parts ({"loss", "rec", "k_intra", "k_inter"}). A non-finite loss raises
+    the loss and its parts ({"loss", "rec", "k_intra", "k_inter", "e_intra", "e_inter"}); ``on_step(step, values)``
+    after each step with that step's (the global batch's). A non-finite loss raises
     C.NonFiniteError naming the first non-finite term, the level, the epoch and the step, before the
     weights are updated.
 
@@ -54,7 +58,7 @@ def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Ge
     device = cfg.device
     fod.models.train()
     perm = torch.randperm(n, generator=gen)
-    sums = {"loss": 0.0, "rec": 0.0, "k_intra": 0.0, "k_inter": 0.0}
+    sums = {"loss": 0.0, "rec": 0.0, "k_intra": 0.0, "k_inter": 0.0, "e_intra": 0.0, "e_inter": 0.0}
     world = D.current().world_size if ddp is not None else 1
     bar = tqdm(perm.split(cfg.batch_size * world), desc=desc, unit="batch", leave=False)
     for step, idx in enumerate(bar, 1):
@@ -65,7 +69,7 @@ def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Ge
             imgs = torch.stack([train_ds[int(i)]["image"] for i in mine]).to(device)
             feats = fod.tokens(imgs)
         loss = 0.0
-        parts = {"rec": 0.0, "k_intra": 0.0, "k_inter": 0.0}
+        parts = {"rec": 0.0, "k_intra": 0.0, "k_inter": 0.0, "e_intra": 0.0, "e_inter": 0.0}
         levels = []
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp):
             outs = ddp(feats, fod.memories) if ddp is not None else None
@@ -96,6 +100,8 @@ def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Ge
         sums["loss"] += value * w
         for k in parts:
             sums[k] += parts[k] * w
+        if on_step is not None:
+            on_step(step, {"loss": value, **parts})
         bar.set_postfix(loss=f"{value:.4f}", rec=f"{parts['rec']:.4f}")
     return sums
 
@@ -165,6 +171,8 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
         if diff:
             raise ValueError(f"--resume with a different configuration than {ck_path}: "
                              + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        if ctx.is_main:
+            T.read_rows(folder.path / T.CSV_NAME)  # a damaged log.csv is said now, not after the features
         if cfg.epochs < ck["epoch"]:
             raise ValueError(f"--resume --epochs {cfg.epochs}: {ck_path} has already been trained for {ck['epoch']} "
                              f"epochs; pass --epochs {ck['epoch']} or more (fod test evaluates it as it is)")
@@ -192,6 +200,8 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
                              + ("" if cfg.d_model else f" (the default for its {g[0]}x{g[1]} grid)")
                              + "; choose --heads dividing it, or --d-model")
     fod = FOD(cfg, backbone, grids)
+    if ck:
+        C.restore(fod, ck, ck_path)  # before any long work: models and memory must fit the rebuilt model
     backend = resolve_backend(cfg.backend, torch.device(device))
     fod.to(device)
     fod.set_backend(backend)
@@ -213,18 +223,17 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
     if ctx.distributed:
         log(f"fod: {ctx.world_size} processes (torchrun): global batch {ctx.world_size * cfg.batch_size} = "
             f"{ctx.world_size} x --batch-size {cfg.batch_size}")
-    with (folder.open() if ctx.is_main else D.no_folder(folder.path)) as o:
+    with (folder.open() if ctx.is_main else D.no_folder(folder.path)) as o, contextlib.ExitStack() as cleanup:
         D.checks_passed()  # several processes: every one passed its checks (else all stop here)
         replacing = o.replacing
         run_dir = o.stage if replacing else o.path  # where checkpoint.pt and config.toml go during training
         if not replacing:
-            o.in_place = {"checkpoint.pt", "config.toml"}
+            o.in_place = {"checkpoint.pt", "config.toml", *T.LOGS}
         ck_file = run_dir / "checkpoint.pt"
         mine = D.shard_of(fit_ds)  # several processes: each extracts the features of its shard
         cached = extract_features(fod, mine, cfg, device, "features") if cfg.cache_features else None
         if ck:
-            fod.memories = [m.to(device) for m in ck["memory"]]
-            fod.models.load_state_dict(ck["models"])
+            fod.memories = [m.to(device) for m in fod.memories]
         else:
             fod.memories = [m.to(device) for m in reference_memory(
                 fod, mine, cfg, device, cached, reduce=D.all_reduce_sum if ctx.distributed else None)]
@@ -241,6 +250,15 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
             start, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
             compat = ck.get("compat", compat)
             log(f"fod: resuming {ck_path} after epoch {start}")
+        n = len(fit_ds)
+        steps_per_epoch = math.ceil(n / (ctx.world_size * cfg.batch_size))
+        tlog = None
+        if ctx.is_main:  # rank 0 logs: log.csv and the event files go where the checkpoint goes
+            tlog = T.RunLog.for_training(run_dir, steps_per_epoch=steps_per_epoch, history=history, resume=bool(ck),
+                                         tensorboard=cfg.tensorboard, log=log)
+            cleanup.callback(tlog.close)
+            if tlog.events:
+                log(f"fod: watch the run: tensorboard --logdir {folder.path}")
         saved = {"epoch": start if ck else None, "config": False}
 
         def save(epoch, extra=None):
@@ -250,11 +268,20 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
             C.save(ck_file, cfg=cfg, fod=fod, optimizer=opt, gen=gen, epoch=epoch, history=history,
                    train_seconds=train_seconds, compat=compat,
                    extra={"train_data": fingerprint, "world_size": ctx.world_size,
-                          "global_batch_size": ctx.world_size * cfg.batch_size, **(extra or {})})
+                          "global_batch_size": ctx.world_size * cfg.batch_size,
+                          "steps_per_epoch": steps_per_epoch, **(extra or {})})
             if not saved["config"]:  # with the first checkpoint of this run
                 atomic_write_text(run_dir / "config.toml", to_toml(cfg))
                 saved["config"] = True
             saved["epoch"] = epoch
+
+        def interrupted() -> str:
+            if replacing:
+                return f"before the end; the previous results in {o.path} are unchanged"
+            if saved["epoch"] is None:
+                return "before the first checkpoint; run the same command to start again"
+            return f"after epoch {saved['epoch']}; run the same command with --resume to continue"
+        INT.set_hint(interrupted if ctx.is_main else None)
 
         def kept() -> str:
             if replacing:
@@ -263,19 +290,20 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
                 return "no checkpoint was written"
             return f"{ck_path} keeps the last good model (epoch {saved['epoch']}; --resume continues from it)"
 
-        n = len(fit_ds)
         try:
             for epoch in range(start, cfg.epochs):
                 t0 = time.perf_counter()
                 sums = train_epoch(fod, opt, cfg, gen, n, cached=cached, train_ds=fit_ds,
-                                   desc=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch + 1, ddp=ddp)
+                                   desc=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch + 1, ddp=ddp,
+                                   on_step=tlog and (lambda s, v, e=epoch: tlog.train_step(e * steps_per_epoch + s, v)))
                 bad = C.nonfinite(fod.models.state_dict())
                 if bad:
                     raise C.NonFiniteError(f"training diverged in epoch {epoch + 1}: every loss was finite but the "
                                            f"last update made weights non-finite ({', '.join(bad[:3])})")
                 secs = time.perf_counter() - t0
                 train_seconds += secs
-                history.append({"epoch": epoch + 1, "seconds": secs, **sums})
+                history.append({"epoch": epoch + 1, "seconds": secs, **sums, "lr": opt.param_groups[0]["lr"],
+                                "images_per_second": n / secs})
                 log(f"epoch {epoch + 1}/{cfg.epochs}: loss {sums['loss']:.4f} rec {sums['rec']:.4f} "
                     f"K_intra {sums['k_intra']:.3f} K_inter {sums['k_inter']:.3f} ({secs:.1f} s, {n / secs:.1f} img/s)")
                 if cfg.compat_official:
@@ -286,6 +314,10 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
                         log(f"  [compat-official] test set after epoch {epoch + 1}: image AUROC "
                             f"{e['image_auroc']:.4f} pixel AUROC {e['pixel_auroc']:.4f}")
                 save(epoch + 1)
+                if tlog:  # after the checkpoint: log.csv never holds an epoch it lacks
+                    tlog.epoch(history[-1])
+                    if cfg.compat_official and r is not None:
+                        tlog.evaluation(epoch + 1, T.evaluation_values(r), "compat_test")
         except C.NonFiniteError as exc:
             if not ctx.is_main:
                 raise D.Elsewhere("reported by rank 0") from None
@@ -323,7 +355,12 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
                            aupro=bp["aupro"], per_epoch=compat["epochs"])
         written = R.write_outputs(o.stage, cfg=cfg, ds=test_ds, res=res, metrics=metrics, history=history,
                                   scale=scale, heatmaps=cfg.heatmaps)
+        done = max(cfg.epochs, start)
+        tlog.evaluation(done, T.evaluation_values(res), "test")  # the final model's (compat: not the selection)
+        tlog.heatmaps(done, R.summary_examples(test_ds, res, *scale, k=T.HEATMAPS), "test")
+        tlog.close()
         o.commit()
     CAL.log_threshold_metrics(metrics["thresholds"], log)
-    R.log_metrics(metrics, folder.path, ", ".join(["checkpoint.pt", "config.toml"] + written), log)
+    logs = [T.CSV_NAME] + ([T.EVENTS_NAME + "/"] if (folder.path / T.EVENTS_NAME).is_dir() else [])
+    R.log_metrics(metrics, folder.path, ", ".join(["checkpoint.pt", "config.toml"] + written + logs), log)
     return metrics
