@@ -8,7 +8,9 @@ predictions), metrics (AUROC, AUPRO), report (metrics.json, heat maps, summary p
 (atomic writes, output folders), calibrate (decision thresholds), api (``fod.Detector``: fit, load,
 predict), export (ONNX / TorchScript), cli.
 """
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["Detector", "Prediction", "__version__"]
 
 
 def __getattr__(name):  # fod.Detector without importing torch at `import fod`

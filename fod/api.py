@@ -113,9 +113,8 @@ class Detector:
     def load(cls, checkpoint, *, device: str = "cpu", backend: Optional[str] = None, batch_size: int = 8,
              amp: bool = False, num_workers: int = 0, log=None) -> "Detector":
         """The detector of a checkpoint.pt, on ``device`` with the kernel ``backend`` (default: the saved one)."""
-        from .evaluate import check_device
         CF.check_run_options(CF.Config(device=device, amp=bool(amp), num_workers=num_workers), batch_size)
-        check_device(device)
+        CF.check_device(device)
         fod = C.load(checkpoint, device, backend, log=log)
         fod.cfg.amp, fod.cfg.num_workers, fod.cfg.batch_size = bool(amp), num_workers, batch_size
         return cls(fod, batch_size=batch_size, amp=bool(amp), num_workers=num_workers,

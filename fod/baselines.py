@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from . import metrics as M
 from .config import Config
-from .model import FOD, extract_features, loader
+from .data import loader
+from .model import FOD, extract_features
 
 DESCRIPTIONS = {
     "knn": "PatchCore-style nearest-neighbour distance to all training tokens of the level",

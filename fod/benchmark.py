@@ -29,6 +29,7 @@ from typing import Optional
 
 from .config import Config, from_dict, load_toml, resume_differences, to_dict
 from .files import atomic_write_text
+from .version import __version__
 
 STANDARD_CATEGORIES = {
     "mvtec": ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
@@ -415,7 +416,6 @@ def _pct(v) -> str:
 
 
 def results_markdown(rows, names, base: Config, dataset, root, devices, coreset, command, charts) -> str:
-    from . import __version__
     from .baselines import DESCRIPTIONS
     from .report import versions
     ok = [r for r in rows if r["status"] == "ok" and r["category"] != "mean"]

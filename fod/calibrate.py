@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from . import metrics as M
 from .config import Config
-from .data import IMAGE_EXTS, AnomalyDataset, Sample, _find_mask, _images_in, _require_dir
-from .model import loader
+from .data import IMAGE_EXTS, AnomalyDataset, Sample, _find_mask, _images_in, _require_dir, loader
+
 
 DEFAULT_VAL_FRACTION = 0.1
 RULE = "anomalous iff score > threshold"

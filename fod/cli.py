@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import config as CF
@@ -222,7 +221,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
     from . import distributed as D
-    from .evaluate import predict, test
+    from .commands import predict, test
     from .train import train
     rc = 0
     try:
@@ -276,55 +275,10 @@ def benchmark(args, argv=None) -> int:
 
 
 def demo(args) -> int:
-    from .evaluate import predict
-    from .files import OutputLock, check_writable, writing
-    from .report import say
-    from .synthetic import demo_files, make_dataset, remove_dataset
-    from .train import train
-    out = Path(args.output)
-    data = out / "data"
-    # everything is checked before anything is written
-    if args.train_images < 1:
-        raise ValueError(f"--train-images must be >= 1, got {args.train_images}")
-    args.cfg_data = str(data)
-    cfg = resolve_config(args, demo=True).check()
-    from .calibrate import holdout_count, plan
-    holdout_count(args.train_images, plan(cfg)["fraction"])  # the held-out calibration images leave some to train
-    check_writable(out)
-    existing = [p for p in ("data", "run", "predict", "metrics.json", "checkpoint.pt") if (out / p).exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace the demo's "
-                              "results, or choose another --output")
-    if data.exists():
-        demo_files(data)  # refuses if data/ holds files the demo did not write
-    t0 = time.perf_counter()
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    lock = OutputLock(out, "fod demo")
-    lock.acquire()
-    try:
-        if data.exists():
-            remove_dataset(data)
-        make_dataset(data, n_train=args.train_images)
-        say(f"fod demo: synthetic dataset written to {data} (train/good, test/good|scratch|spot|cut, ground_truth)")
-        if cfg.weights is None:
-            say("fod demo: backbone weights: RANDOM INITIALISATION (no download is attempted; pass --weights FILE "
-                "for ImageNet weights). Shallow levels of a random network still separate these textures.")
-        metrics = train(cfg, out / "run", overwrite=args.overwrite)
-        samples = sorted((data / "test").glob("*/000.png"))
-        predict(out / "run" / "checkpoint.pt", samples, out / "predict", device=cfg.device, backend=cfg.backend,
-                overwrite=args.overwrite, amp=cfg.amp, workers=cfg.num_workers)
-    finally:
-        lock.release()
-    thr = metrics.get("thresholds")
-    decisions = "no thresholds (--val-fraction 0)" if not thr else (
-        f"at the calibrated thresholds image precision {thr['image']['precision']:.3f} recall "
-        f"{thr['image']['recall']:.3f} F1 {thr['image']['f1']:.3f}, pixel F1 {thr['pixel']['f1']:.3f}")
-    say(f"fod demo: done in {time.perf_counter() - t0:.0f} s; weights: {metrics['weights']}; "
-        f"image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
-        f"AUPRO {metrics['aupro']:.3f}; {decisions}; decisions and masks of {len(samples)} test images in "
-        f"{out / 'predict'}; see {out / 'run' / 'summary.png'}")
-    return 0
+    from .commands import demo
+    args.cfg_data = str(Path(args.output) / "data")
+    return demo(resolve_config(args, demo=True), args.output, train_images=args.train_images,
+                overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

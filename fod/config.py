@@ -216,6 +216,16 @@ def check_run_options(cfg: Config, batch_size=None):
         _finite_number("--batch-size", batch_size, 1)
 
 
+def check_device(device: str):
+    """A clear error if ``device`` (cpu, cuda, cuda:N; format checked by the config) is not on this machine."""
+    if device.startswith("cuda"):
+        import torch  # here: `import fod.config` (the command line's parser) does not load torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s)")
+
+
 def check_value(name: str, value):
     """Type check of one field's value (as it comes from a config file or a checkpoint)."""
     if name not in FIELDS:

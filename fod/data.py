@@ -353,3 +353,8 @@ def check_split(ds: AnomalyDataset, need_both_classes: bool = True) -> None:
         if defect_pixels == 0:
             raise ValueError(f"no mask of the {ds.split} split of {ds.root} has a defect pixel inside the centre crop; "
                              "pixel AUROC and AUPRO need some")
+
+
+def loader(ds, cfg, batch_size: int):
+    """The evaluation-order (unshuffled) DataLoader of a dataset."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.num_workers)

@@ -38,6 +38,7 @@ from torch import nn
 
 from . import checkpoint as C
 from .files import atomic_write_text, check_writable, tmp_name, writing
+from .version import __version__
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 18  # the lowest opset of torch's torch.export-based ONNX exporter
@@ -156,7 +157,6 @@ def run_exported(path, fmt: str, images: np.ndarray):
 
 
 def sidecar(model: ExportedFOD, fmt: str, file: Path, checkpoint, opset: Optional[int]) -> dict:
-    from . import __version__
     fod = model.fod
     pre, ck = fod.preprocess(), fod.checkpoint
     cal = C.calibration_of(ck)

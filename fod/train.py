@@ -20,9 +20,9 @@ from . import checkpoint as C
 from . import distributed as D
 from . import report as R
 from .backbone import build_backbone
-from .config import Config, resume_differences, to_dict, to_toml
+from .config import Config, check_device, resume_differences, to_dict, to_toml
 from .data import AnomalyDataset, Preprocess, check_split, scan_sizes
-from .evaluate import check_device, evaluate, public_metrics
+from .evaluate import evaluate, public_metrics
 from .files import OutputFolder, WriteError, atomic_write_text, refuse_inside
 from .model import (FOD, default_d_model, extract_features, fod_loss, reconstruction_loss, reference_memory,
                     resolve_backend)
