@@ -49,7 +49,7 @@ from . import calibrate as CAL
 from . import checkpoint as C
 from . import config as CF
 from . import metrics as M
-from .data import INTERPOLATIONS, Preprocess, _pixels
+from .data import RESAMPLE, Preprocess, _pixels
 
 __all__ = ["Detector", "Prediction"]
 
@@ -66,7 +66,7 @@ class Prediction:
 
 def _float_image(arr: np.ndarray, pre: Preprocess) -> torch.Tensor:
     """(H, W, 3) or (H, W) float32 in 0..1 -> normalised (3, S, S), resized per channel as PIL "F" images."""
-    resample = INTERPOLATIONS[pre.interpolation]
+    resample = RESAMPLE[pre.interpolation]
     chans = [arr] if arr.ndim == 2 else [arr[..., c] for c in range(3)]
     out = [np.asarray(pre._geometry(Image.fromarray(np.ascontiguousarray(c, np.float32), mode="F"), resample),
                       np.float32) for c in chans]
@@ -84,7 +84,7 @@ def _array_image(arr: np.ndarray, source: str, pre: Preprocess) -> torch.Tensor:
                          f"(1, H, W)), got shape {arr.shape}")
     if arr.dtype == np.uint8:
         im = Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.ndim == 3 else "L")
-        return pre._normalize(pre._geometry(_pixels(im, source), INTERPOLATIONS[pre.interpolation]))
+        return pre._normalize(pre._geometry(_pixels(im, source), RESAMPLE[pre.interpolation]))
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"{source}: image pixels must be uint8 (0..255) or floating point (0..1), got {arr.dtype}")
     arr = arr.astype(np.float32)
@@ -218,7 +218,7 @@ class Detector:
                 return str(x), lambda: pre.image(p)
             if isinstance(x, Image.Image):
                 src = f"<PIL image {i}>"
-                return src, lambda: pre._normalize(pre._geometry(_pixels(x, src), INTERPOLATIONS[pre.interpolation]))
+                return src, lambda: pre._normalize(pre._geometry(_pixels(x, src), RESAMPLE[pre.interpolation]))
             src = f"<array {i}>"
             return src, lambda: _array_image(x, src, pre)
 

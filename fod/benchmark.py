@@ -29,17 +29,9 @@ from typing import Optional
 
 from .config import Config, from_dict, load_toml, resume_differences, to_dict
 from .files import atomic_write_text
+from .layouts import LAYOUTS
 from .version import __version__
 
-STANDARD_CATEGORIES = {
-    "mvtec": ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
-              "tile", "toothbrush", "transistor", "wood", "zipper"),
-    "btad": ("01", "02", "03"),
-    "mvtec3d": ("bagel", "cable_gland", "carrot", "cookie", "dowel", "foam", "peach", "potato", "rope", "tire"),
-    "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
-             "pcb4", "pipe_fryum"),
-}
-TRAIN_FOLDER = {"mvtec": "train/good", "btad": "train/ok", "mvtec3d": "train/good/rgb"}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 METRIC_TITLES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO@0.3"}
 BASELINES_FILE = "baselines.json"
@@ -53,35 +45,18 @@ def say(msg: str):
 
 # ----------------------------------------------------------------------------- categories
 
-def _visa_objects(root: Path) -> list[str]:
-    from .data import VISA_SPLIT
-    path = root / VISA_SPLIT
-    if not path.is_file():
-        raise FileNotFoundError(f"VisA split file not found: {path} (the VisA layout needs "
-                                f"ROOT/{VISA_SPLIT.as_posix()})")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "object" not in (reader.fieldnames or []):
-            raise ValueError(f"{path} has no 'object' column")
-        objects = list(dict.fromkeys(r["object"] for r in reader))
-    return [o for o in objects if (root / o).is_dir()]
-
-
 def find_categories(root, dataset: str, chosen: Optional[list[str]] = None, log=say) -> list[str]:
     """The categories to run: ``chosen`` (each must exist), else the dataset's standard categories found under
     ``root`` (in the paper's order), else (an unknown root) every sub-folder with the layout's training folder
     (VisA: every object of the split file that has a folder)."""
     root = Path(root)
-    if dataset not in STANDARD_CATEGORIES:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(STANDARD_CATEGORIES)}")
+    if dataset not in LAYOUTS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(LAYOUTS)}")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
-    if dataset == "visa":
-        present = _visa_objects(root)
-    else:
-        present = sorted(d.name for d in root.iterdir() if d.is_dir() and (d / TRAIN_FOLDER[dataset]).is_dir())
-    what = "objects of the split file with a folder" if dataset == "visa" else \
-        f"sub-folders with {TRAIN_FOLDER[dataset]}/"
+    layout = LAYOUTS[dataset]
+    present = layout.present(root)
+    what = layout.looked_for()
     if chosen:
         missing = [c for c in chosen if c not in present]
         if missing:
@@ -92,13 +67,13 @@ def find_categories(root, dataset: str, chosen: Optional[list[str]] = None, log=
         return list(chosen)
     if not present:
         raise FileNotFoundError(f"no {dataset} categories under {root} (looked for {what})")
-    standard = [c for c in STANDARD_CATEGORIES[dataset] if c in present]
+    standard = [c for c in layout.categories if c in present]
     if not standard:
         return present
     others = [c for c in present if c not in standard]
-    missing = [c for c in STANDARD_CATEGORIES[dataset] if c not in present]
+    missing = [c for c in layout.categories if c not in present]
     if missing:
-        log(f"fod benchmark: {len(standard)} of the {len(STANDARD_CATEGORIES[dataset])} standard {dataset} categories "
+        log(f"fod benchmark: {len(standard)} of the {len(layout.categories)} standard {dataset} categories "
             f"found; missing: {', '.join(missing)}")
     if others:
         log(f"fod benchmark: ignoring {', '.join(others)} (not standard {dataset} categories; name them in "

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", dest=_dest("data"), default=None, metavar="DIR",
                    help="category directory, e.g. mvtec/bottle (required unless --config gives it)")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", dest=_dest("dataset"), default=None, choices=CF.LAYOUTS,
+    p.add_argument("--dataset", dest=_dest("dataset"), default=None, choices=tuple(CF.LAYOUTS),
                    help="directory layout (default mvtec)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML configuration (e.g. RUN/config.toml of an earlier run); options given here win")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="category directory")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", default=None, choices=CF.LAYOUTS,
+    p.add_argument("--dataset", default=None, choices=tuple(CF.LAYOUTS),
                    help="directory layout (default: the one of training)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size per process (default: the one of training)")
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interrupted one. Exit code 0 if every category succeeded, 1 if some failed.")
     p.add_argument("--data", dest="root", required=True, metavar="ROOT",
                    help="dataset root holding the categories, e.g. mvtec_anomaly_detection")
-    p.add_argument("--dataset", dest=_dest("dataset"), default="mvtec", choices=CF.LAYOUTS,
+    p.add_argument("--dataset", dest=_dest("dataset"), default="mvtec", choices=tuple(CF.LAYOUTS),
                    help="dataset (its standard categories and layout; default mvtec)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--categories", default=None, metavar="A,B,...",

@@ -80,3 +80,12 @@ def test_cuda_arch_flags_emit_ptx_for_the_newest(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6 9.0a+PTX")
     assert _build_flags.cuda_arch_flags()[-2:] == ["-gencode", "arch=compute_90,code=compute_90"]
     assert "arch=compute_90a,code=sm_90a" in _build_flags.cuda_arch_flags()
+
+
+def test_mask_and_memory_support_is_a_column_of_the_table():
+    from fod_kernels import functional
+    assert functional.EXTENDED_BACKENDS == tuple(b.name for b in _backends.BACKEND_TABLE if b.extended)
+    md = _backends.backend_table_markdown().splitlines()
+    assert "masks, S != L" in md[0]
+    for b, line in zip(_backends.BACKEND_TABLE, md[2:]):
+        assert f"| {'yes' if b.extended else 'no'} |" in line
