@@ -346,10 +346,10 @@ def test_fit_without_output_and_save(data, tmp_path):
         Detector.fit(data, epoch=3)
 
 
-def test_readme_python_api_example_runs(tmp_path):
-    """The README's "Python API" example, as written, in a fresh process (working folder: a temporary one)."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Python API"):]
+def test_docs_python_api_example_runs(tmp_path):
+    """docs/pipeline.md's "Python API" example, as written, in a fresh process (working folder: a temporary one)."""
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    section = text[text.index("## Python API"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)

@@ -107,7 +107,7 @@ import torch
 from PIL import Image
 
 cfg = json.load(open(sys.argv[1]))
-exec(cfg["readme_preprocess"])  # the README's preprocess(path, meta)
+exec(cfg["readme_preprocess"])  # docs/deployment.md's preprocess(path, meta)
 out = {}
 for fmt, path in cfg["files"].items():
     meta = json.load(open(path + ".json"))
@@ -131,8 +131,8 @@ json.dump(out, open(sys.argv[2], "w"))
 
 
 def _readme_preprocess() -> str:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(import json\n.*?)```", text[text.index("### Export"):], re.S).group(1)
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    block = re.search(r"```python\n(import json\n.*?)```", text[text.index("## Export"):], re.S).group(1)
     return block[block.index("def preprocess"):block.index("\n\n\nmeta =")]
 
 
@@ -158,7 +158,7 @@ def test_exported_models_run_without_fod_and_reproduce_predict(run, predicted, e
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["modules"] == []
-    assert out["preprocess_max_abs_err"] <= 1e-6  # the README's preprocessing is fod's
+    assert out["preprocess_max_abs_err"] <= 1e-6  # docs/deployment.md's preprocessing is fod's
     want_maps = np.stack([maps[scores_json["images"][p]["map_key"]] for p in imgs])
     want_scores = np.array([scores_json["images"][p]["score"] for p in imgs])
     want_anom = [scores_json["images"][p]["anomalous"] for p in imgs]
