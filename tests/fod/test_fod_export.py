@@ -15,16 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+import helpers
+
 from fod import export as E
 from fod import metrics as M
 from fod.cli import main
-from fod.synthetic import make_dataset
 from fod_kernels import available_backends
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--epochs", "1"]
+TINY = [*helpers.TINY, "--epochs", "1"]
 NO_ORT = "onnxruntime is not installed (tools/setup.sh installs it: pip install onnxruntime onnx onnxscript)"
 
 
@@ -49,17 +48,13 @@ def test_gaussian_filter_helpers():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("syn") / "cat", size=40, n_train=10, n_test_good=2,
-                        n_test_defect=1, seed=3)  # 40 px images: resized to 32 (not only cropped)
+def data(category):
+    return category(size=40, seed=3)  # 40 px images: resized to 32 (not only cropped)
 
 
 @pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
-        assert main(["train", "--data", str(data), "--output", str(out), *TINY, "--val-fraction", "0.3"]) == 0
-    return out
+def run(data, trained):
+    return trained(data, "--epochs", "1", "--val-fraction", "0.3")
 
 
 @pytest.fixture(scope="module")
