@@ -45,10 +45,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import calibrate as CAL
-from . import checkpoint as C
-from . import config as CF
-from . import metrics as M
+from . import calibrate
+from .checkpoint import calibration_of
+from .checkpoint import load as load_checkpoint
+from .config import Config, apply_compat_defaults, check_device, check_run_options, from_dict
+from .metrics import image_scores
 from .data import RESAMPLE, Preprocess, _pixels
 
 __all__ = ["Detector", "Prediction"]
@@ -104,7 +105,7 @@ class Detector:
         self.preprocess: Preprocess = fod.preprocess()
         self.batch_size, self.amp, self.num_workers = batch_size, amp, num_workers
         self.checkpoint_path = checkpoint_path
-        self.calibration: Optional[dict] = C.calibration_of(fod.checkpoint)
+        self.calibration: Optional[dict] = calibration_of(fod.checkpoint)
         self.metrics: Optional[dict] = None  # fit(): the training run's test-set metrics
 
     # ------------------------------------------------------------------ construction
@@ -113,9 +114,9 @@ class Detector:
     def load(cls, checkpoint, *, device: str = "cpu", backend: Optional[str] = None, batch_size: int = 8,
              amp: bool = False, num_workers: int = 0, log=None) -> "Detector":
         """The detector of a checkpoint.pt, on ``device`` with the kernel ``backend`` (default: the saved one)."""
-        CF.check_run_options(CF.Config(device=device, amp=bool(amp), num_workers=num_workers), batch_size)
-        CF.check_device(device)
-        fod = C.load(checkpoint, device, backend, log=log)
+        check_run_options(Config(device=device, amp=bool(amp), num_workers=num_workers), batch_size)
+        check_device(device)
+        fod = load_checkpoint(checkpoint, device, backend, log=log)
         fod.cfg.amp, fod.cfg.num_workers, fod.cfg.batch_size = bool(amp), num_workers, batch_size
         return cls(fod, batch_size=batch_size, amp=bool(amp), num_workers=num_workers,
                    checkpoint_path=str(checkpoint))
@@ -126,16 +127,16 @@ class Detector:
         """Train on ``data_dir`` (a category folder; ``dataset=`` its layout) with ``config`` (Config fields) as
         ``fod train`` does, writing the run into ``output`` (default: a temporary folder, removed afterwards),
         and return the trained detector (``detector.metrics``: the run's test-set metrics)."""
-        from . import report as R
-        from .train import train
+        from .report import say
+        from .train import train  # here: fod.train's own imports load only when a Detector trains
         if "data" in config:
             raise ValueError("Detector.fit: give the data folder as the first argument, not data=")
         if output is None and (overwrite or resume):
             raise ValueError("Detector.fit: overwrite/resume need an output folder")
         values = {**config, "data": str(data_dir)}
-        CF.apply_compat_defaults(values, set(config))
-        cfg = CF.from_dict(values, where="Detector.fit").check()
-        log = log or R.say
+        apply_compat_defaults(values, set(config))
+        cfg = from_dict(values, where="Detector.fit").check()
+        log = log or say
         tmp = Path(tempfile.mkdtemp(prefix="fod-fit-")) if output is None else None
         run = tmp / "run" if tmp is not None else Path(output)
         try:
@@ -179,7 +180,7 @@ class Detector:
 
     def normalize(self, scores):
         """Image scores -> normalised scores in [0, 1] (0.5 at the image threshold); None without thresholds."""
-        return None if not self.calibration else CAL.normalize(scores, self.calibration["normalization"])
+        return None if not self.calibration else calibrate.normalize(scores, self.calibration["normalization"])
 
     # ------------------------------------------------------------------ prediction
 
@@ -239,7 +240,7 @@ class Detector:
     def score_batch(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(anomaly maps (N, S, S) float32, image scores (N,) float64) of a preprocessed batch (N, 3, S, S)."""
         maps = self.fod.anomaly_maps(batch.to(self.device), amp=self.amp).float().cpu().numpy()
-        return maps, M.image_scores(maps)
+        return maps, image_scores(maps)
 
     def _records(self, sources, batch) -> list[Prediction]:
         maps, scores = self.score_batch(torch.stack(batch))
@@ -255,7 +256,7 @@ class Detector:
         """A generator of one ``Prediction`` per image, in input order, ``batch_size`` images at a time (see the
         module doc for the inputs). Errors name the image (its path, or its position)."""
         bs = self.batch_size if batch_size is None else batch_size
-        CF.check_run_options(CF.Config(), bs)
+        check_run_options(Config(), bs)
         if (self.num_workers and not preprocessed and isinstance(images, (list, tuple))
                 and all(isinstance(x, (str, Path)) for x in images)):
             return self._predict_paths(list(images), bs)

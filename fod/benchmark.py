@@ -123,9 +123,7 @@ def _baselines_current(run: Path, coreset: float, epoch: int) -> bool:
 def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: bool = False, log=say) -> dict:
     """Train (or resume, or skip if finished), evaluate and compute the baselines of one category; returns its
     record. Raises on failure."""
-    from . import baselines as BL
-    from . import calibrate as CAL
-    from . import checkpoint as C
+    from . import baselines, calibrate, checkpoint
     from .data import AnomalyDataset
     from .train import train
     run = Path(run)
@@ -146,15 +144,16 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
     epoch = metrics.get("epochs")
     if overwrite or not _baselines_current(run, coreset, epoch):
         log(f"fod benchmark: {name}: baselines and ablations")
-        fod = C.load(ck, cfg.device, cfg.backend)
+        fod = checkpoint.load(ck, cfg.device, cfg.backend)
         pre = fod.preprocess()  # exactly the training run's preprocessing
         train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, pre=pre)
-        train_ds = CAL.datasets(fod.cfg, train_ds)[0]  # the images FOD trained on: not its calibration images
+        train_ds = calibrate.datasets(fod.cfg, train_ds)[0]  # the images FOD trained on: not its calibration images
         test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, pre=pre)
-        res = BL.compute(fod, train_ds, test_ds, cfg, cfg.device, coreset=coreset, log=lambda m: log(f"[{name}] {m}"))
+        res = baselines.compute(fod, train_ds, test_ds, cfg, cfg.device, coreset=coreset,
+                                log=lambda m: log(f"[{name}] {m}"))
         res.pop("maps")
         main = metrics.get("final_epoch", metrics)  # compat-official: the final model, not the selected epochs
-        own = res["methods"][BL.method_names(fod)[-1]]  # FOD's own score, recomputed: must equal the main result
+        own = res["methods"][baselines.method_names(fod)[-1]]  # FOD's own score, recomputed: must equal the main result
         res["fod_check"] = {k: abs(own[k] - main[k]) for k in METRICS}
         res["checkpoint_epoch"] = epoch
         atomic_write_text(run / BASELINES_FILE, json.dumps(res, indent=2))
@@ -277,18 +276,19 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
     categories r, r + N, ... one after the other, each as a single-process run on its own device: the results
     equal those of one process); rank 0 gathers the records and writes the results files, and returns all of
     them; the other processes return their own."""
-    from . import distributed as D
+    from . import distributed
     from .baselines import coreset_size
-    ctx = D.current()
+    ctx = distributed.current()
     coreset_size(1, coreset)  # validates the ratio
     root = Path(root).resolve()
     out = Path(output)
     base = dataclasses.replace(base, dataset=dataset, data=str(root))
-    names = find_categories(root, dataset, categories, log if ctx.is_main else D.quiet)
+    names = find_categories(root, dataset, categories, log if ctx.is_main else distributed.quiet)
     if ctx.distributed and devices:
         raise ValueError("--devices is for one process; under torchrun every process takes one device (--device cuda: "
                          "the GPU of its local rank)")
-    devices = [D.local_device(base.device)] if ctx.distributed else list(devices) if devices else [base.device]
+    devices = [distributed.local_device(base.device)] if ctx.distributed else \
+        list(devices) if devices else [base.device]
     for d in devices:
         dataclasses.replace(base, device=d).check()
     jobs = [(n, category_config(base, root, n), out / n) for n in names]
@@ -299,9 +299,9 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
         if conflicts:
             raise FileExistsError("; ".join(conflicts) + ". Use another --output, the same options, or --overwrite "
                                   "to start those categories over")
-    D.checks_passed()  # several processes: every one passed its checks (else all stop here)
+    distributed.checks_passed()  # several processes: every one passed its checks (else all stop here)
     if ctx.distributed:
-        patient = D.patient_group()  # the final gather waits for the slowest process, however long it takes
+        patient = distributed.patient_group()  # the final gather waits for the slowest process, however long it takes
         jobs = jobs[ctx.rank::ctx.world_size]
         log(f"fod benchmark: {ctx.tag}categories {', '.join(n for n, _, _ in jobs) or '(none)'} on {devices[0]}")
     out.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
     if len(devices) == 1:
         for name, cfg, run in jobs:
             try:
-                with D.single():  # under torchrun too: a category is a single-process run
+                with distributed.single():  # under torchrun too: a category is a single-process run
                     records[name] = run_category(dataclasses.replace(cfg, device=devices[0]), run, coreset=coreset,
                                                  overwrite=overwrite, log=log)
             except Exception as exc:
@@ -332,7 +332,7 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
     else:
         records = _run_parallel(jobs, devices, coreset, overwrite, on_done, log)
     if ctx.distributed:
-        everyone = D.gather_objects(records, "fod benchmark: gathering the results", group=patient)
+        everyone = distributed.gather_objects(records, "fod benchmark: gathering the results", group=patient)
         if not ctx.is_main:
             return list(records.values())
         records = {k: v for r in everyone for k, v in r.items()}

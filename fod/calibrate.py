@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import metrics as M
+from .metrics import image_scores
 from .config import Config
 from .data import AnomalyDataset, loader
 from .layouts import IMAGE_EXTS, LAYOUTS, Sample, _images_in, _require_dir
@@ -227,7 +227,7 @@ def _maps(fod, ds, cfg: Config, device: str):
 def calibrate(fod, ds: AnomalyDataset, cfg: Config, device: str, p: dict, log=None) -> dict:
     """Thresholds and the normal score statistics from the calibration images ``ds`` (see the module doc)."""
     maps, masks, labels = _maps(fod, ds, cfg, device)
-    scores = M.image_scores(maps)
+    scores = image_scores(maps)
     normal = labels == 0
     n_norm, n_def = int(normal.sum()), int((~normal).sum())
     fpr = float(cfg.fpr)

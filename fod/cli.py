@@ -1,4 +1,8 @@
-"""Command line: ``fod train | test | predict | demo`` (also ``python -m fod``).
+"""Command line: ``fod train | test | predict | export | demo | benchmark`` (also ``python -m fod``).
+
+It parses and resolves the options and hands each command to the layer above the library: ``fod.train.train``,
+``fod.commands`` (test, predict, demo), ``fod.export.export`` and ``fod.benchmark.benchmark``; every error they
+raise becomes one line ``fod <command>: error: ...`` with exit code 2.
 
 The options of the model and of the run are generated from ``fod.config.Config``'s fields (type,
 default and help in one place). Their argparse default is None, so that what the user typed can be
@@ -12,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import config as CF
+from . import config
+from .layouts import LAYOUTS
 
 DESCRIPTION = """\
 FOD ("Focus the Discrepancy", ICCV 2023): unsupervised anomaly detection and
@@ -31,11 +36,11 @@ Benchmark:    fod benchmark --data mvtec --dataset mvtec --output runs/mvtec [--
 Several GPUs: torchrun --nproc-per-node 4 -m fod train --device cuda --batch-size 2 ...  (global batch 4 x 2)
 """
 
-DEMO_DEFAULTS = CF.DEMO_DEFAULTS  # public name, kept
+DEMO_DEFAULTS = config.DEMO_DEFAULTS  # public name, kept
 
 
 def _flag(name: str) -> str:
-    return CF.FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+    return config.FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
 
 
 def _dest(name: str) -> str:
@@ -43,7 +48,7 @@ def _dest(name: str) -> str:
 
 
 def _parser_type(name: str):
-    base, is_list, _ = CF.field_type(name)
+    base, is_list, _ = config.field_type(name)
     if is_list:
         def parse(s, base=base):
             items = [x.strip() for x in s.split(",") if x.strip()]
@@ -56,7 +61,7 @@ def _parser_type(name: str):
 
 
 def _default_text(name: str, demo: bool) -> str:
-    v = CF.DEMO_DEFAULTS.get(name, CF.FIELDS[name].default) if demo else CF.FIELDS[name].default
+    v = config.DEMO_DEFAULTS.get(name, config.FIELDS[name].default) if demo else config.FIELDS[name].default
     if v is None:
         return ""
     if isinstance(v, list):
@@ -64,19 +69,19 @@ def _default_text(name: str, demo: bool) -> str:
     return f" (default {v})"
 
 
-def add_config_options(p: argparse.ArgumentParser, groups=(CF.MODEL_OPTIONS, CF.RUN_OPTIONS), demo: bool = False,
-                       skip=()):
+def add_config_options(p: argparse.ArgumentParser, groups=(config.MODEL_OPTIONS, config.RUN_OPTIONS),
+                       demo: bool = False, skip=()):
     """One option per Config field of the given groups, named and documented by the field."""
     from fod_kernels import BACKENDS
-    titles = {CF.MODEL_OPTIONS: "model and training", CF.RUN_OPTIONS: "execution"}
+    titles = {config.MODEL_OPTIONS: "model and training", config.RUN_OPTIONS: "execution"}
     for group in groups:
         g = p.add_argument_group(titles[group])
-        excl = g.add_mutually_exclusive_group() if group == CF.MODEL_OPTIONS else None
-        for name, f in CF.FIELDS.items():
+        excl = g.add_mutually_exclusive_group() if group == config.MODEL_OPTIONS else None
+        for name, f in config.FIELDS.items():
             md = f.metadata
             if md["group"] != group or not md["cli"] or name in skip:
                 continue
-            base, _, _ = CF.field_type(name)
+            base, _, _ = config.field_type(name)
             kw = dict(dest=_dest(name), default=None, help=md["help"])
             if base is bool:
                 kw.update(action="store_const", const=not f.default)
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", dest=_dest("data"), default=None, metavar="DIR",
                    help="category directory, e.g. mvtec/bottle (required unless --config gives it)")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", dest=_dest("dataset"), default=None, choices=tuple(CF.LAYOUTS),
+    p.add_argument("--dataset", dest=_dest("dataset"), default=None, choices=tuple(LAYOUTS),
                    help="directory layout (default mvtec)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML configuration (e.g. RUN/config.toml of an earlier run); options given here win")
@@ -119,12 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="category directory")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", default=None, choices=tuple(CF.LAYOUTS),
+    p.add_argument("--dataset", default=None, choices=tuple(LAYOUTS),
                    help="directory layout (default: the one of training)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size per process (default: the one of training)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
-    add_config_options(p, groups=(CF.RUN_OPTIONS,))
+    add_config_options(p, groups=(config.RUN_OPTIONS,))
 
     p = sub.add_parser("predict", help="anomaly maps and scores for new images",
                        description="Score new images with a trained checkpoint: scores.json (image scores), "
@@ -134,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
-    add_config_options(p, groups=(CF.RUN_OPTIONS,))
+    add_config_options(p, groups=(config.RUN_OPTIONS,))
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (runs without fod installed)",
                        description="Write the model of a checkpoint as an ONNX or TorchScript file taking a float32 "
@@ -170,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interrupted one. Exit code 0 if every category succeeded, 1 if some failed.")
     p.add_argument("--data", dest="root", required=True, metavar="ROOT",
                    help="dataset root holding the categories, e.g. mvtec_anomaly_detection")
-    p.add_argument("--dataset", dest=_dest("dataset"), default="mvtec", choices=tuple(CF.LAYOUTS),
+    p.add_argument("--dataset", dest=_dest("dataset"), default="mvtec", choices=tuple(LAYOUTS),
                    help="dataset (its standard categories and layout; default mvtec)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--categories", default=None, metavar="A,B,...",
@@ -193,43 +198,42 @@ def _given(args) -> dict:
     return {k[len("cfg_"):]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
-def resolve_config(args, demo: bool = False) -> CF.Config:
+def resolve_config(args, demo: bool = False) -> config.Config:
     """Config from (lowest to highest) the defaults, the demo's defaults, --config FILE, the command line."""
     given = _given(args)
-    values = dict(CF.DEMO_DEFAULTS) if demo else {}
-    from_file = CF.load_toml(args.config) if getattr(args, "config", None) else {}
+    values = dict(config.DEMO_DEFAULTS) if demo else {}
+    from_file = config.load_toml(args.config) if getattr(args, "config", None) else {}
     values.update(from_file)
     values.update(given)
-    taken = CF.apply_compat_defaults(values, set(given) | set(from_file))
+    taken = config.apply_compat_defaults(values, set(given) | set(from_file))
     if taken and int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, rank 0 says it
         from .report import say
         say("fod: --compat-official: the official code's " + ", ".join(f"{k} {v}" for k, v in taken.items())
             + " (give them explicitly to override)")
     if demo and "weights" in given:
         values["pretrained"] = True  # the weights file is the ImageNet substitute
-    if demo and given.get("backbone", CF.DEMO_DEFAULTS["backbone"]) != CF.DEMO_DEFAULTS["backbone"]:
+    if demo and given.get("backbone", config.DEMO_DEFAULTS["backbone"]) != config.DEMO_DEFAULTS["backbone"]:
         # another backbone: its own default levels and widths unless given
         values["levels"] = given.get("levels")
         values["d_model"] = given.get("d_model")
     if not values.get("data"):
         raise ValueError("--data is required (or a --config file that gives `data`)")
-    return CF.from_dict(values, where="configuration")
+    return config.from_dict(values, where="configuration")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
-    from . import distributed as D
-    from .commands import predict, test
+    from . import commands, distributed
     from .train import train
     rc = 0
     try:
-        if D.launched():  # torchrun started this process as one of several
-            if args.command not in D.COMMANDS:
+        if distributed.launched():  # torchrun started this process as one of several
+            if args.command not in distributed.COMMANDS:
                 raise ValueError(f"fod {args.command} runs in one process: launch it without torchrun (under "
-                                 f"torchrun: fod {', fod '.join(D.COMMANDS)})")
-            D.setup()
+                                 f"torchrun: fod {', fod '.join(distributed.COMMANDS)})")
+            distributed.setup()
         if not str(args.output).strip():
             raise ValueError("--output is empty")
         if args.command == "train":
@@ -239,46 +243,43 @@ def main(argv=None) -> int:
             kw = dict(device=run.get("device", "cpu"), backend=run.get("backend"), overwrite=args.overwrite,
                       amp=run.get("amp", False), workers=run.get("num_workers"), heatmaps=run.get("heatmaps", -1))
             if args.command == "test":
-                test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size, **kw)
+                commands.test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size,
+                              **kw)
             else:
-                predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
+                commands.predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
         elif args.command == "export":
             from .export import export
             export(args.checkpoint, args.fmt, args.output, opset=args.opset, overwrite=args.overwrite)
         elif args.command == "demo":
-            return demo(args)
+            args.cfg_data = str(Path(args.output) / "data")
+            return commands.demo(resolve_config(args, demo=True), args.output, train_images=args.train_images,
+                                 overwrite=args.overwrite)
         elif args.command == "benchmark":
-            rc = benchmark(args, argv)
+            rc = _benchmark(args, argv)
     except (OSError, ValueError, RuntimeError) as exc:  # OSError: files (missing, full disk, read-only, ...)
-        msg = D.settle(exc)  # several processes: None where another process reports the error
-        D.shutdown(destroy=False)
+        msg = distributed.settle(exc)  # several processes: None where another process reports the error
+        distributed.shutdown(destroy=False)
         if msg is not None:
             print(f"fod {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fod {args.command}: interrupted", file=sys.stderr)
         return 130
-    D.shutdown()
+    distributed.shutdown()
     return rc
 
 
-def benchmark(args, argv=None) -> int:
+def _benchmark(args, argv=None) -> int:
     import shlex
 
-    from . import benchmark as B
+    from .benchmark import benchmark as run_benchmark
+    from .benchmark import parse_list
     args.cfg_data = args.root
     cfg = resolve_config(args)
-    rows = B.benchmark(cfg, args.root, cfg.dataset, args.output, categories=B.parse_list(args.categories),
-                       devices=B.parse_list(args.devices), coreset=args.knn_coreset, overwrite=args.overwrite,
-                       command="fod " + shlex.join(sys.argv[1:] if argv is None else argv))
+    rows = run_benchmark(cfg, args.root, cfg.dataset, args.output, categories=parse_list(args.categories),
+                         devices=parse_list(args.devices), coreset=args.knn_coreset, overwrite=args.overwrite,
+                         command="fod " + shlex.join(sys.argv[1:] if argv is None else argv))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
-
-
-def demo(args) -> int:
-    from .commands import demo
-    args.cfg_data = str(Path(args.output) / "data")
-    return demo(resolve_config(args, demo=True), args.output, train_images=args.train_images,
-                overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

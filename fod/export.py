@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as C
+from .checkpoint import calibration_of
+from .checkpoint import load as load_checkpoint
 from .files import atomic_write_text, check_writable, tmp_name, writing
 from .version import __version__
 
@@ -100,7 +101,7 @@ class ExportedFOD(nn.Module):
 
 def exportable(checkpoint) -> ExportedFOD:
     """The checkpoint's model as ExportedFOD: CPU, float32, eval mode, the reference kernel formulation."""
-    fod = C.load(checkpoint, "cpu", "reference")
+    fod = load_checkpoint(checkpoint, "cpu", "reference")
     fod.set_backend("reference")
     for m in fod.models.modules():  # value scans are skipped while tracing anyway; the eager check needs none
         if hasattr(m, "check_values"):
@@ -159,7 +160,7 @@ def run_exported(path, fmt: str, images: np.ndarray):
 def sidecar(model: ExportedFOD, fmt: str, file: Path, checkpoint, opset: Optional[int]) -> dict:
     fod = model.fod
     pre, ck = fod.preprocess(), fod.checkpoint
-    cal = C.calibration_of(ck)
+    cal = calibration_of(ck)
     s = pre.image_size
     return {
         "format": EXPORT_FORMAT, "model_file": file.name, "model_format": fmt,
