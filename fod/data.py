@@ -1,5 +1,5 @@
-"""Datasets in the MVTec AD, BTAD, MVTec 3D-AD (RGB) and VisA (split CSV) layouts, and the preprocessing of
-images and masks.
+"""Datasets in the MVTec AD, BTAD, MVTec 3D-AD (RGB) and VisA (split CSV) layouts (listed through the registry
+of ``fod.layouts``), the preprocessing of images and masks, and the evaluation-order ``loader``.
 
 Each dataset lists (image path, defect type, mask path or None) triples at
 construction, so a missing mask or an empty split fails at once with the file
