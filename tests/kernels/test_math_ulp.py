@@ -66,7 +66,7 @@ void simd_log(const float* x, float* y, int64_t n) {{
 
 BUILDS = {
     "cpu": ("", None),  # flags: fod_kernels._build_flags.cpu_flags()
-    "sim": ('#include "cuda/sim_cpu.cuh"', ["-O1", "-pthread"]),  # as tests/kernels/test_cuda_sim.py builds the simulation
+    "sim": ('#include "cuda/sim_cpu.cuh"', ["-O1", "-pthread"]),  # as test_cuda_sim.py builds the simulation
 }
 
 
