@@ -52,6 +52,10 @@ def pytest_addoption(parser):
     g.addoption("--fod-model", action="store_true", default=None,
                 help="full-model benchmark (default: on with CUDA, off on CPU where it takes ~6 min)")
     g.addoption("--fod-no-model", action="store_false", dest="fod_model")
+    g.addoption("--at-windows", default="100,512",
+                help="Anomaly Transformer train-step windows (issue 22: 100,512,2048,8192; default 100,512)")
+    g.addoption("--at-mem-cap-gb", type=float, default=8.0,
+                help="memory cap of one Anomaly Transformer step's peak-memory probe (GiB)")
     g.addoption("--fod-model-batch", type=int, default=0, help="batch of the full-model benchmark (1 CPU, 8 CUDA)")
 
 

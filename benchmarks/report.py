@@ -164,6 +164,49 @@ def model_table(rows):
     return out + [""]
 
 
+def anomaly_transformer_table(rows):
+    """Issue 22: one training step of the Anomaly Transformer, official formulation against ours."""
+    sel = [r for r in rows if r.get("kind") == "anomaly_transformer"]
+    if not sel:
+        return []
+    c = sel[0]
+    out = ["## Anomaly Transformer: one training step (forward, loss, backward, Adam)", "",
+           f"batch {c.get('B')}, d_model {c.get('d_model')}, {c.get('n_heads')} heads, {c.get('e_layers')} layers, "
+           f"d_ff {c.get('d_ff')}, {c.get('C')} channels, float32. `linear`: our step without the operator "
+           "(attention output = values), the floor outside it. A step over the memory cap is not timed; its "
+           "peak is predicted from the provider's largest measured window (L^2 official, L the others).", "",
+           "| device | window | provider | median ms | IQR ms | peak MiB | official / ours time | "
+           "official / ours memory |", "|---|---|---|---|---|---|---|---|"]
+    by = defaultdict(dict)
+    for r in sel:
+        by[(r["device"], r["L"])][r["provider"]] = r
+    measured = defaultdict(list)  # provider -> [(L, peak)] for the predictions of the steps over the cap
+    for r in sel:
+        if r.get("peak_bytes"):
+            measured[(r["device"], r["provider"])].append((r["L"], r["peak_bytes"]))
+    for key in sorted(by):
+        cell = by[key]
+        off, ours = cell.get("official", {}), cell.get("ours", {})
+        for prov in ("official", "ours", "linear"):
+            r = cell.get(prov)
+            if r is None:
+                continue
+            if r.get("mem_status") not in (None, "ok"):
+                pred = None
+                if measured[(key[0], prov)]:
+                    Lm, peak = max(measured[(key[0], prov)])
+                    pred = peak * (key[1] / Lm) ** (2 if prov == "official" else 1)
+                mem = (f"{r['mem_status']} at a {r['cap_bytes'] / 2**30:.0f} GiB cap"
+                       + (f" (predicted {pred / 2**30:.1f} GiB)" if pred else ""))
+            else:
+                mem = fmt_mib(r.get("peak_bytes"))
+            ratios = (f"{fmt_ratio(off.get('median_s'), ours.get('median_s'))} | "
+                      f"{fmt_ratio(off.get('peak_bytes'), ours.get('peak_bytes'))}") if prov == "ours" else "| "
+            out.append(f"| {key[0]} | {key[1]} | {prov} | {fmt_t(r.get('median_s'))} | {fmt_t(r.get('iqr_s'))} | "
+                       f"{mem} | {ratios} |")
+    return out + [""]
+
+
 def plots(rows, out_dir, name):
     sel = [r for r in rows if r.get("kind") == "sweep"]
     if not sel:
@@ -228,6 +271,7 @@ def main(argv=None):
     md += fused_vs_reference(rows)
     md += operator_tables(rows, "operator")
     md += model_table(rows)
+    md += anomaly_transformer_table(rows)
     md += oom_table(rows)
     if files:
         md += ["## Scale sweep", ""] + [f"![{f.stem}]({f.name})" for f in files] + [""]

@@ -3,10 +3,12 @@
 Layers, top down (no module imports one above it; docs/pipeline.md, "Code layout"):
 
 - the command line: cli (parsing, options generated from config), commands (fod test, predict, demo),
-  benchmark (fod benchmark), export (fod export); api (``fod.Detector``: fit, load, predict);
+  benchmark (fod benchmark), export (fod export), upgrade (fod checkpoint upgrade), interrupt (SIGTERM as
+  SIGINT); api (``fod.Detector``: fit, load, predict);
 - the run: train (check, build, fit, finish), runner (one process or DDP), distributed (torchrun's process
   group), calibrate (decision thresholds), evaluate (the scoring loop), report and viz (metrics.json, heat
-  maps, summary page), checkpoint (format, save, load), files (atomic writes, output folders);
+  maps, summary page), tracking (log.csv, TensorBoard events), checkpoint (format, save, load) on safeformat
+  (safetensors + JSON behind a checksum), files (atomic writes, output folders, the manifest);
 - the model: model/ (torch_model: level transformers and the FOD bundle; loss; anomaly_map: token scores;
   memory: features and the reference memory), backbone (frozen timm features), baselines, metrics (AUROC,
   AUPRO);

@@ -10,12 +10,14 @@
 ``output`` the run folder is temporary and removed (``detector.save(path)`` keeps the checkpoint).
 ``Detector.load(checkpoint)`` reads a checkpoint. ``detector.predict(images)`` is a generator of
 ``Prediction`` records, one per image in input order; it holds one batch at a time, so a long list (or any
-iterable) costs bounded memory. ``detector.predict_one(image)`` returns one record.
+iterable) costs bounded memory. ``detector.predict_one(image)`` returns one record. An image that cannot be
+read: ``errors="raise"`` (default) yields the images before it, then raises naming it; ``errors="skip"`` leaves
+it out, warns and lists it in ``detector.skipped``.
 
 Inputs, one image or an iterable of images (mixed kinds allowed):
 
 - a path (str or ``pathlib.Path``): read and preprocessed exactly as ``fod predict`` does;
-- a PIL image: the same, from its pixels;
+- a PIL image: the same, from its pixels (its EXIF orientation applied, as for a file);
 - a ``torch.Tensor`` (3, H, W) RGB or (1, H, W) grey, channels first, or a batch (N, C, H, W): an *image*,
   not a normalised one: uint8 in 0..255, or floating point in 0..1. It goes through the checkpoint's
   preprocessing (resize of the shorter side, centre crop, normalisation) as a file would; uint8 tensors give
@@ -37,17 +39,19 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import calibrate
 from .checkpoint import calibration_of
 from .checkpoint import load as load_checkpoint
+from .checkpoint import write as write_checkpoint
 from .config import Config, apply_compat_defaults, check_device, check_run_options, from_dict
 from .metrics import image_scores
 from .data import RESAMPLE, Preprocess, _pixels
@@ -107,6 +111,7 @@ class Detector:
         self.checkpoint_path = checkpoint_path
         self.calibration: Optional[dict] = calibration_of(fod.checkpoint)
         self.metrics: Optional[dict] = None  # fit(): the training run's test-set metrics
+        self.skipped: list[tuple[str, str]] = []  # predict(errors="skip"): (source, reason) left out by the last call
 
     # ------------------------------------------------------------------ construction
 
@@ -153,11 +158,10 @@ class Detector:
 
     def save(self, path) -> Path:
         """Write the checkpoint (as trained, checksummed) to ``path`` atomically."""
-        from .files import atomic_save
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder; give the checkpoint file name, e.g. {path}/checkpoint.pt")
-        atomic_save(self.fod.checkpoint, path)
+        write_checkpoint(self.fod.checkpoint, path)
         return path
 
     # ------------------------------------------------------------------ properties
@@ -219,7 +223,8 @@ class Detector:
                 return str(x), lambda: pre.image(p)
             if isinstance(x, Image.Image):
                 src = f"<PIL image {i}>"
-                return src, lambda: pre._normalize(pre._geometry(_pixels(x, src), RESAMPLE[pre.interpolation]))
+                return src, lambda: pre._normalize(pre._geometry(_pixels(ImageOps.exif_transpose(x), src),
+                                                                 RESAMPLE[pre.interpolation]))
             src = f"<array {i}>"
             return src, lambda: _array_image(x, src, pre)
 
@@ -252,29 +257,49 @@ class Detector:
                            anomaly_map=maps[i], mask=None if cal is None else maps[i] > cal["pixel_threshold"])
                 for i, s in enumerate(sources)]
 
-    def predict(self, images, *, preprocessed: bool = False, batch_size: Optional[int] = None) -> Iterator[Prediction]:
+    def predict(self, images, *, preprocessed: bool = False, batch_size: Optional[int] = None,
+                errors: str = "raise") -> Iterator[Prediction]:
         """A generator of one ``Prediction`` per image, in input order, ``batch_size`` images at a time (see the
-        module doc for the inputs). Errors name the image (its path, or its position)."""
+        module doc for the inputs). Errors name the image (its path, or its position).
+
+        An image that cannot be read or preprocessed (a broken file, pixels out of range): with ``errors="raise"``
+        (the default) the images before it are yielded first, then its error is raised; with ``errors="skip"`` it
+        is left out (a warning names it, and ``detector.skipped`` lists (source, reason) of this call) and the
+        others go on. A wrong kind of input (not an image, a tensor of the wrong shape) raises in both modes."""
+        if errors not in ("raise", "skip"):
+            raise ValueError(f'errors must be "raise" or "skip", got {errors!r}')
         bs = self.batch_size if batch_size is None else batch_size
         check_run_options(Config(), bs)
+        self.skipped = []
         if (self.num_workers and not preprocessed and isinstance(images, (list, tuple))
                 and all(isinstance(x, (str, Path)) for x in images)):
-            return self._predict_paths(list(images), bs)
-        return self._predict(self._items(images, preprocessed), bs)
+            return self._predict(self._worker_items(list(images), bs), bs, errors)
+        return self._predict(self._items(images, preprocessed), bs, errors)
 
-    def _predict(self, items, bs: int) -> Iterator[Prediction]:
+    def _predict(self, items, bs: int, errors: str) -> Iterator[Prediction]:
         sources, batch = [], []
         for src, load in items:
+            try:
+                image = load()
+            except (OSError, ValueError) as exc:
+                if errors == "raise":
+                    if batch:  # the valid images read so far keep their results
+                        yield from self._records(sources, batch)
+                    raise
+                self.skipped.append((src, str(exc)))
+                warnings.warn(f"fod: skipped {src}: {exc}", stacklevel=2)
+                continue
             sources.append(src)
-            batch.append(load())
+            batch.append(image)
             if len(batch) == bs:
                 yield from self._records(sources, batch)
                 sources, batch = [], []
         if batch:
             yield from self._records(sources, batch)
 
-    def _predict_paths(self, paths: list, bs: int) -> Iterator[Prediction]:
-        """Paths read by ``num_workers`` worker processes."""
+    def _worker_items(self, paths: list, bs: int) -> Iterator[tuple[str, object]]:
+        """(source, loader) per path, the images read by ``num_workers`` worker processes (a worker's error is
+        raised by the loader, in order)."""
         pre = self.preprocess
 
         class _Paths(torch.utils.data.Dataset):
@@ -282,12 +307,20 @@ class Detector:
                 return len(paths)
 
             def __getitem__(self, i):
-                return pre.image(paths[i])
-        dl = torch.utils.data.DataLoader(_Paths(), batch_size=bs, shuffle=False, num_workers=self.num_workers)
-        start = 0
-        for batch in dl:
-            yield from self._records([str(p) for p in paths[start:start + len(batch)]], list(batch))
-            start += len(batch)
+                try:
+                    return pre.image(paths[i]), None
+                except (OSError, ValueError) as exc:
+                    return None, f"{exc}"
+
+        def fail(msg):
+            raise ValueError(msg)
+        dl = torch.utils.data.DataLoader(_Paths(), batch_size=bs, shuffle=False, num_workers=self.num_workers,
+                                         collate_fn=list)
+        i = 0
+        for got in dl:
+            for image, err in got:
+                yield str(paths[i]), ((lambda m=err: fail(m)) if err is not None else (lambda t=image: t))
+                i += 1
 
     def predict_one(self, image, *, preprocessed: bool = False) -> Prediction:
         """The ``Prediction`` of one image."""

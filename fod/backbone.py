@@ -49,40 +49,52 @@ def _names(keys, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
+def _read_weights_file(path: Path):
+    """The object in a weights file, read without running code: safetensors, or torch.load(weights_only=True)
+    (tensors and plain containers only). A file that needs a full unpickle is refused, naming the conversion."""
+    import torch
+    damaged = (f"cannot read weights file {path}: it is truncated, damaged or not a PyTorch or safetensors "
+               "state dict")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"fod-checkpoint-"):
+        raise WeightsError(f"weights file {path} is a FOD checkpoint (fod train's checkpoint.pt), not backbone "
+                           "weights: score images with fod test/predict --checkpoint, or continue its training with "
+                           "fod train --resume")
+    if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: an 8-byte length, then a JSON header
+        try:
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        except Exception as exc:
+            raise WeightsError(f"{damaged} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc).lower().replace(" ", "_"):
+            raise WeightsError(f"{damaged} ({str(exc).splitlines()[0][:200]})") from None
+        raise WeightsError(f"weights file {path} holds Python objects besides tensors, which fod does not unpickle "
+                           "(unpickling can run code); if you trust where it came from, extract its weights once: "
+                           f"fod checkpoint upgrade {path} {path.with_suffix('.safetensors')} --trust") from None
+    except Exception as exc:
+        msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise WeightsError(f"{damaged} ({type(exc).__name__}{': ' + msg if msg else ''})") from None
+
+
 def read_state_dict(path) -> tuple[dict, list[str]]:
     """The state dict in a weights file, unwrapped and without prefixes; and notes on what was done."""
-    import torch
-    path, notes = Path(path), []
+    path = Path(path)
     if path.is_dir():
         raise WeightsError(f"weights file {path} is a folder; give the state-dict file")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise WeightsError(f"weights file {path} is empty (0 bytes)")
-    damaged = (f"cannot read weights file {path}: it is truncated, damaged or not a PyTorch or safetensors "
-               "state dict")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-            obj = load_file(str(path))
-        except Exception as exc:
-            raise WeightsError(f"{damaged} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "weights_only" not in str(exc).lower().replace(" ", "_"):
-                raise WeightsError(f"{damaged} ({str(exc).splitlines()[0][:200]})") from None
-            try:  # a training checkpoint holding Python objects (e.g. argparse options) beside the weights
-                obj = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as exc2:
-                raise WeightsError(f"{damaged} ({type(exc2).__name__}: {str(exc2).splitlines()[0][:200]})") \
-                    from None
-            notes.append(f"{path} holds Python objects besides tensors; it was unpickled in full (use only "
-                         "weights files you trust)")
-        except Exception as exc:
-            msg = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise WeightsError(f"{damaged} ({type(exc).__name__}{': ' + msg if msg else ''})") from None
+    return state_dict_of(_read_weights_file(path), path)
+
+
+def state_dict_of(obj, path) -> tuple[dict, list[str]]:
+    """The state dict in the object ``obj`` read from the weights file ``path`` (unwrapped, prefixes removed)."""
+    notes = []
     while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if key is None:

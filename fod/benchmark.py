@@ -123,7 +123,7 @@ def _baselines_current(run: Path, coreset: float, epoch: int) -> bool:
 def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: bool = False, log=say) -> dict:
     """Train (or resume, or skip if finished), evaluate and compute the baselines of one category; returns its
     record. Raises on failure."""
-    from . import baselines, calibrate, checkpoint
+    from . import baselines, calibrate, checkpoint, tracking
     from .data import AnomalyDataset
     from .train import train
     run = Path(run)
@@ -157,6 +157,9 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
         res["fod_check"] = {k: abs(own[k] - main[k]) for k in METRICS}
         res["checkpoint_epoch"] = epoch
         atomic_write_text(run / BASELINES_FILE, json.dumps(res, indent=2))
+        values = {f"{n}/{k}": v[k] for n, v in res["methods"].items() for k in METRICS}
+        tracking.add_evaluation(run, fod.checkpoint, values, "baseline", tensorboard=cfg.tensorboard,
+                                log=lambda m: log(f"[{name}] {m}"))  # tensorboard --logdir OUTPUT compares them all
     return category_record(name, run)
 
 
@@ -192,6 +195,9 @@ def _child(cfg_dict: dict, run: str, device: str, coreset: float, overwrite: boo
     except (OSError, AttributeError):
         pass
     import torch
+
+    from .interrupt import install
+    install()  # terminated by the benchmark process: clean up as after SIGINT
     torch.set_num_threads(threads)
     cfg = from_dict({**cfg_dict, "device": device})
     name = Path(run).name
@@ -277,6 +283,7 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
     equal those of one process); rank 0 gathers the records and writes the results files, and returns all of
     them; the other processes return their own."""
     from . import distributed
+    from .checkpoint import check_format
     from .baselines import coreset_size
     ctx = distributed.current()
     coreset_size(1, coreset)  # validates the ratio
@@ -299,6 +306,9 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
         if conflicts:
             raise FileExistsError("; ".join(conflicts) + ". Use another --output, the same options, or --overwrite "
                                   "to start those categories over")
+        for _, _, run in jobs:  # a checkpoint to resume in an old or foreign format: one error now, before any work
+            if (run / "checkpoint.pt").is_file():
+                check_format((run / "checkpoint.pt").read_bytes(), run / "checkpoint.pt")
     distributed.checks_passed()  # several processes: every one passed its checks (else all stop here)
     if ctx.distributed:
         patient = distributed.patient_group()  # the final gather waits for the slowest process, however long it takes

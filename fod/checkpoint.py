@@ -6,14 +6,16 @@ weights and where they came from), the preprocessing (interpolation, mean, std),
 RNG state, the history and timings, the decision thresholds (``calibration``: see fod.calibrate; None
 when none were set), the number of processes and the global batch it was trained with (``world_size``,
 ``global_batch_size``: nothing else in it depends on the number of processes, and --resume continues it on
-any number that keeps the global batch), and a SHA-256 of all of it (``sha256``, over the values: tensors
-by dtype, shape and bytes) that is verified on load. Non-finite weights are never saved and refused on
-load. Format v1 (no checksum, no preprocessing entry: bilinear resize, ImageNet normalisation) is still
-read, with a note.
+any number that keeps the global batch). Non-finite weights are never saved and refused on load.
+
+File format (v3, docs/SECURITY.md): fod.safeformat, a first line ``fod-checkpoint-v3 sha256=<digest>`` and a
+safetensors payload whose metadata holds the plain data as JSON; reading it runs no unpickler, and the
+SHA-256 is verified before any byte of it is parsed. The loaded dict's ``sha256`` is that digest. Checkpoints
+of earlier versions (v1, v2: torch.save pickles, which can run code when read) are refused with the command
+that converts a trusted one (``fod checkpoint upgrade OLD NEW --trust``, fod.upgrade).
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import warnings
 from pathlib import Path
@@ -22,16 +24,16 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import safeformat
 from .backbone import Backbone
 from .config import Config, from_dict, to_dict
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .files import atomic_save
+from .files import atomic_write
 from .model import FOD
 
-CHECKPOINT_FORMAT = "fod-checkpoint-v2"
-OLD_FORMATS = ("fod-checkpoint-v1",)
+CHECKPOINT_FORMAT = "fod-checkpoint-v3"
+PICKLED_FORMATS = ("fod-checkpoint-v1", "fod-checkpoint-v2")  # fod.upgrade converts them
 # what scoring needs; resuming also needs the optimiser and RNG states
-REQUIRED = ("config", "epoch", "grids", "models", "memory", "backbone", "history")
+REQUIRED = ("config", "epoch", "grids", "models", "memory", "backbone", "preprocess", "history")
 REQUIRED_FOR_RESUME = ("optimizer", "rng", "train_seconds")
 
 
@@ -64,36 +66,6 @@ def seed_all(seed: int):
     torch.manual_seed(seed)
 
 
-def _hash(h, obj):
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, np.ndarray):
-        h.update(f"A{obj.dtype.str}{obj.shape}".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}".encode())
-        for k in sorted(obj, key=repr):
-            h.update(repr(k).encode())
-            _hash(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
-        for x in obj:
-            _hash(h, x)
-    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        raise TypeError(f"cannot checksum a {type(obj).__name__} in a checkpoint")
-
-
-def digest(ck: dict) -> str:
-    """SHA-256 over every value of the checkpoint except its ``sha256`` entry."""
-    h = hashlib.sha256()
-    _hash(h, {k: v for k, v in ck.items() if k != "sha256"})
-    return h.hexdigest()
-
-
 def nonfinite(tensors: dict) -> list[str]:
     """Names of the floating-point tensors that hold NaN or inf."""
     return [k for k, t in tensors.items()
@@ -118,8 +90,18 @@ def save(path: Path, *, cfg: Config, fod: FOD, optimizer, gen: torch.Generator, 
           "preprocess": {"interpolation": cfg.interpolation, "mean": list(bb.mean), "std": list(bb.std)},
           "rng": rng_state(gen), "history": history, "train_seconds": train_seconds,
           "compat": compat, **(extra or {})}
-    ck["sha256"] = digest(ck)
-    atomic_save(ck, path)
+    write(ck, path)
+
+
+def write(ck: dict, path):
+    """Write the checkpoint dict ``ck`` atomically in the current format (its ``sha256`` entry, if any, is
+    recomputed: it is the file's digest). Encoded in memory first, so a write fails before the file is touched."""
+    raw = safeformat.dumps(CHECKPOINT_FORMAT, {k: v for k, v in ck.items() if k != "sha256"})
+    atomic_write(path, lambda f: f.write(raw))
+
+
+def upgrade_hint(path) -> str:
+    return f"fod checkpoint upgrade {path} NEW.pt --trust"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -127,9 +109,36 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+def check_format(raw: bytes, path) -> tuple[str, str]:
+    """(format, digest) of a checkpoint file's first line; a CheckpointError naming the file for anything other
+    than the current format (a pickle of an earlier version: the conversion command). Parses nothing."""
+    head = safeformat.header(raw)
+    if head is None:
+        if raw[:2] == b"PK" or raw[:1] == b"\x80":  # torch.save's zip, or a raw pickle: never unpickled
+            if b"fod-checkpoint-v" in raw:
+                raise CheckpointError(
+                    f"checkpoint {path} is in the pickle format of an earlier fod version, which can run code when "
+                    f"read, and is not loaded; if you trust where it came from, convert it once: "
+                    f"{upgrade_hint(path)}")
+            raise CheckpointError(f"{path} is not a FOD checkpoint (it is a pickle file, which fod does not read: "
+                                  "unpickling can run code)")
+        if raw.startswith(b"fod-checkpoint-"):
+            raise CheckpointError(f"checkpoint {path} is damaged: its first line is cut or altered")
+        raise CheckpointError(f"{path} is not a FOD checkpoint (it does not start with "
+                              f"'{CHECKPOINT_FORMAT} sha256=')")
+    if head[0] != CHECKPOINT_FORMAT:
+        if head[0].startswith("fod-checkpoint-"):
+            raise CheckpointError(f"checkpoint {path} has format {head[0]!r}, which this version of fod does not "
+                                  f"read (it reads {CHECKPOINT_FORMAT}); use the fod version that wrote it")
+        raise CheckpointError(f"{path} is not a FOD checkpoint (it is a {head[0]!r} file)")
+    return head
+
+
 def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
     """The checkpoint's dict, after checking that it is a complete, undamaged FOD checkpoint with finite
-    weights. Every problem is a CheckpointError (or FileNotFoundError) naming the file."""
+    weights. Every problem is a CheckpointError (or FileNotFoundError) naming the file. The file is read once
+    into memory; its checksum is verified on those bytes before they are parsed. Nothing in it is unpickled.
+    (``log``: for notes on the file; the current format needs none.)"""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint.pt file in it")
@@ -137,38 +146,18 @@ def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]]
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    raw = path.read_bytes()
+    head = check_format(raw, path)
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, damaged or not a PyTorch file "
-                              f"({_first_line(exc)})") from None
-    fmt = ck.get("format") if isinstance(ck, dict) else None
-    if fmt != CHECKPOINT_FORMAT and fmt not in OLD_FORMATS:
-        if isinstance(fmt, str) and fmt.startswith("fod-checkpoint-"):
-            raise CheckpointError(f"checkpoint {path} has format {fmt!r}, which this version of fod does not read "
-                                  f"(it reads {', '.join((CHECKPOINT_FORMAT, *OLD_FORMATS))}); use the fod "
-                                  "version that wrote it")
-        raise CheckpointError(f"{path} is not a FOD checkpoint (no format entry {CHECKPOINT_FORMAT!r}; "
-                              "it holds " + (f"a dict with keys {', '.join(map(str, list(ck)[:8]))}"
-                                             if isinstance(ck, dict) else f"a {type(ck).__name__}") + ")")
+        ck = safeformat.loads(raw, CHECKPOINT_FORMAT)
+    except safeformat.FormatError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: it holds a {type(ck).__name__}, not a dict")
+    ck["format"], ck["sha256"] = head
     missing = [k for k in REQUIRED + (REQUIRED_FOR_RESUME if resume else ()) if k not in ck]
-    if fmt == CHECKPOINT_FORMAT:
-        if "sha256" not in ck:
-            missing.append("sha256")
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")
-        try:
-            ok = digest(ck) == ck["sha256"]
-        except Exception:
-            ok = False
-        if not ok:
-            raise CheckpointError(f"checkpoint {path} is damaged: its content does not match its SHA-256 checksum")
-    else:
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")
-        if log:
-            log(f"fod: {path} is an old checkpoint ({fmt}): it has no checksum (not verified) and was trained with "
-                "bilinear resizing and ImageNet normalisation, which are used for it")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")
     try:
         tensors = dict(ck["models"])
         tensors.update({f"memory[{i}]": m for i, m in enumerate(ck["memory"])})
@@ -185,8 +174,6 @@ def config_of(ck: dict, path="checkpoint") -> Config:
     # checkpoints written before the embedding bias became an option had embeddings without one; those written
     # before calibration trained on every training image
     d = {"embed_bias": False, "val_fraction": 0.0, **ck["config"]}
-    if "preprocess" not in ck:  # format v1: trained with bilinear resizing
-        d.setdefault("interpolation", "bilinear")
     return from_dict(d, where=str(path))
 
 
@@ -200,7 +187,7 @@ def backbone_from_checkpoint(ck: dict, path="checkpoint") -> Backbone:
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: its backbone cannot be rebuilt ({_first_line(exc)})") from None
     bb.weights_source = info["weights_source"]
-    pre = ck.get("preprocess") or {"mean": IMAGENET_MEAN.tolist(), "std": IMAGENET_STD.tolist()}
+    pre = ck["preprocess"]
     bb.mean, bb.std = tuple(float(x) for x in pre["mean"]), tuple(float(x) for x in pre["std"])
     return bb
 

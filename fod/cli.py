@@ -1,8 +1,8 @@
-"""Command line: ``fod train | test | predict | export | demo | benchmark`` (also ``python -m fod``).
+"""Command line: ``fod train | test | predict | export | demo | benchmark | checkpoint`` (also ``python -m fod``).
 
 It parses and resolves the options and hands each command to the layer above the library: ``fod.train.train``,
-``fod.commands`` (test, predict, demo), ``fod.export.export`` and ``fod.benchmark.benchmark``; every error they
-raise becomes one line ``fod <command>: error: ...`` with exit code 2.
+``fod.commands`` (test, predict, demo), ``fod.export.export``, ``fod.benchmark.benchmark`` and
+``fod.upgrade.upgrade``; every error they raise becomes one line ``fod <command>: error: ...`` with exit code 2.
 
 The options of the model and of the run are generated from ``fod.config.Config``'s fields (type,
 default and help in one place). Their argparse default is None, so that what the user typed can be
@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, interrupt
 from .layouts import LAYOUTS
 
 DESCRIPTION = """\
@@ -34,6 +34,7 @@ Export:       fod export --checkpoint runs/bottle/checkpoint.pt --format onnx --
 Reproduce:    fod train --config runs/bottle/config.toml --output runs/bottle-again
 Benchmark:    fod benchmark --data mvtec --dataset mvtec --output runs/mvtec [--devices cuda:0,cuda:1]
 Several GPUs: torchrun --nproc-per-node 4 -m fod train --device cuda --batch-size 2 ...  (global batch 4 x 2)
+Old checkpoint (pickle, earlier fod): fod checkpoint upgrade OLD.pt NEW.pt --trust   (only files you trust)
 """
 
 DEMO_DEFAULTS = config.DEMO_DEFAULTS  # public name, kept
@@ -98,14 +99,18 @@ def add_config_options(p: argparse.ArgumentParser, groups=(config.MODEL_OPTIONS,
             target.add_argument(_flag(name), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fod", description=DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _max_pixels(p: argparse.ArgumentParser):
+    from PIL import Image
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help=f"refuse images with more than N pixels (width x height), checked before they are decoded "
+                        f"(default {Image.MAX_IMAGE_PIXELS}, Pillow's decompression-bomb limit)")
 
+
+def _add_train(sub):
     p = sub.add_parser("train", help="train on a category's normal images, then evaluate the final model once",
                        description="Train on DATA/train, then evaluate the final model once on DATA/test. Writes "
-                                   "config.toml, checkpoint.pt (after every epoch), metrics.json, heatmaps/ and "
+                                   "config.toml, checkpoint.pt and log.csv (after every epoch), tensorboard/ (as it "
+                                   "goes; watch with: tensorboard --logdir OUTPUT), metrics.json, heatmaps/ and "
                                    "summary.png.")
     p.add_argument("--data", dest=_dest("data"), default=None, metavar="DIR",
                    help="category directory, e.g. mvtec/bottle (required unless --config gives it)")
@@ -117,10 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint "
                    "(same configuration; --epochs may be raised)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    _max_pixels(p)
     add_config_options(p)
 
+
+def _add_test(sub):
     p = sub.add_parser("test", help="evaluate a checkpoint on a test set",
-                       description="Evaluate a trained checkpoint on DATA/test: metrics.json, heatmaps/, summary.png.")
+                       description="Evaluate a trained checkpoint on DATA/test: metrics.json, heatmaps/, summary.png, "
+                                   "log.csv and tensorboard/ (the metrics at the checkpoint's training step).")
     p.add_argument("--data", required=True, help="category directory")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--output", required=True, help="output directory")
@@ -129,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size per process (default: the one of training)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    _max_pixels(p)
     add_config_options(p, groups=(config.RUN_OPTIONS,))
 
+
+def _add_predict(sub):
     p = sub.add_parser("predict", help="anomaly maps and scores for new images",
                        description="Score new images with a trained checkpoint: scores.json (image scores), "
                                    "maps.npz (anomaly maps) and heatmaps/*.png.")
@@ -139,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
-    add_config_options(p, groups=(config.RUN_OPTIONS,))
+    _max_pixels(p)
+    add_config_options(p, groups=(config.RUN_OPTIONS,), skip=("tensorboard",))  # predict logs no run
 
+
+def _add_export(sub):
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (runs without fod installed)",
                        description="Write the model of a checkpoint as an ONNX or TorchScript file taking a float32 "
                                    "batch (N, 3, S, S) already resized and normalised and returning the anomaly maps "
@@ -154,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch's exporter writes)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE and FILE.json if they exist")
 
+
+def _add_checkpoint(sub):
+    p = sub.add_parser("checkpoint", help="convert a checkpoint of an earlier fod version (docs/SECURITY.md)",
+                       description="fod checkpoint upgrade OLD NEW --trust: convert a checkpoint written by an "
+                                   "earlier fod version (a pickle, which can run code when read) into the current "
+                                   "format, which cannot. Run it only on files you trust.")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    u = csub.add_parser("upgrade", help="convert OLD (pickled) to NEW (current format)")
+    u.add_argument("old", metavar="OLD", help="the old checkpoint.pt")
+    u.add_argument("new", metavar="NEW", help="the file to write (must not exist)")
+    u.add_argument("--trust", action="store_true",
+                   help="required: OLD is unpickled, which runs any code it holds; say so only for files you trust")
+
+
+def _add_demo(sub):
     p = sub.add_parser("demo", help="generate the embedded synthetic dataset, train and evaluate (CPU, minutes)",
                        description="Writes a synthetic textured-fabric dataset with scratches, spots and cuts (MVTec "
                                    "layout) to OUTPUT/data, then trains and evaluates on it and predicts a few "
@@ -164,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic normal training images (default 66: --val-fraction 0.1 holds out 7 to calibrate "
                         "the thresholds, 59 train)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    _max_pixels(p)
     add_config_options(p, demo=True)
 
+
+def _add_benchmark(sub):
     p = sub.add_parser("benchmark", help="train and evaluate every category of a dataset, with baselines",
                        description="Train and evaluate every category under ROOT with one configuration (a run "
                                    "folder per category under OUTPUT), compute the baselines (knn, memory_distance) "
@@ -189,7 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML configuration for every category; options given here win")
     p.add_argument("--overwrite", action="store_true", help="start every category over, replacing earlier results")
+    _max_pixels(p)
     add_config_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fod", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_test, _add_predict, _add_export, _add_checkpoint, _add_demo, _add_benchmark):
+        add(sub)
     return ap
 
 
@@ -223,18 +265,25 @@ def resolve_config(args, demo: bool = False) -> config.Config:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    handlers = interrupt.install()
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
     from . import commands, distributed
     from .train import train
     rc = 0
+    from .data import MAX_PIXELS_ENV
+    saved_limit = os.environ.get(MAX_PIXELS_ENV)
     try:
+        if getattr(args, "max_pixels", None) is not None:  # in the environment: DataLoader workers read it too
+            if args.max_pixels < 1:
+                raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+            os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
         if distributed.launched():  # torchrun started this process as one of several
             if args.command not in distributed.COMMANDS:
                 raise ValueError(f"fod {args.command} runs in one process: launch it without torchrun (under "
                                  f"torchrun: fod {', fod '.join(distributed.COMMANDS)})")
             distributed.setup()
-        if not str(args.output).strip():
+        if not str(getattr(args, "output", "-")).strip():
             raise ValueError("--output is empty")
         if args.command == "train":
             train(resolve_config(args), args.output, resume=args.resume, overwrite=args.overwrite)
@@ -244,12 +293,16 @@ def main(argv=None) -> int:
                       amp=run.get("amp", False), workers=run.get("num_workers"), heatmaps=run.get("heatmaps", -1))
             if args.command == "test":
                 commands.test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size,
-                              **kw)
+                              tensorboard=run.get("tensorboard", True), **kw)
             else:
                 commands.predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
         elif args.command == "export":
             from .export import export
             export(args.checkpoint, args.fmt, args.output, opset=args.opset, overwrite=args.overwrite)
+        elif args.command == "checkpoint":
+            from .report import say
+            from .upgrade import upgrade
+            upgrade(args.old, args.new, trust=args.trust, log=say)
         elif args.command == "demo":
             args.cfg_data = str(Path(args.output) / "data")
             return commands.demo(resolve_config(args, demo=True), args.output, train_images=args.train_images,
@@ -262,9 +315,19 @@ def main(argv=None) -> int:
         if msg is not None:
             print(f"fod {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fod {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (fod.interrupt): the finally blocks have cleaned up
+        line, code = interrupt.message(exc, hint=args.command == "train")  # demo and benchmark run train() too
+        if args.command == "benchmark":
+            line += ("; run the same command to continue (finished categories are skipped, an interrupted one "
+                     "resumes from its last checkpoint)")
+        print(f"fod {args.command}: {line}", file=sys.stderr)
+        return code
+    finally:
+        interrupt.restore(handlers)
+        if saved_limit is None:
+            os.environ.pop(MAX_PIXELS_ENV, None)
+        else:
+            os.environ[MAX_PIXELS_ENV] = saved_limit
     distributed.shutdown()
     return rc
 

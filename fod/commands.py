@@ -16,15 +16,15 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from . import calibrate, distributed, report, viz
+from . import calibrate, distributed, report, tracking, viz
 from .api import Detector
 from .checkpoint import calibration_of
 from .checkpoint import load as load_checkpoint
 from .config import Config, check_device, check_run_options, to_dict
 from .data import AnomalyDataset, check_split, image_size_of, scan_sizes
 from .evaluate import evaluate, public_metrics
-from .files import OutputFolder, OutputLock, atomic_write_text, check_writable, refuse_inside, write_npz, write_png, \
-    writing
+from .files import (LOGS, OutputFolder, OutputLock, atomic_write_text, check_writable, open_for_write,
+                    refuse_inputs_inside, refuse_inside, write_npz, write_png, writing)
 from .synthetic import demo_files, make_dataset, remove_dataset
 from .train import train
 
@@ -47,8 +47,10 @@ def _run_setup(checkpoint, *, device, backend, amp, workers, heatmaps, batch_siz
 
 def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str = "cpu",
          backend: Optional[str] = None, batch_size: Optional[int] = None, overwrite: bool = False,
-         heatmaps: int = -1, amp: bool = False, workers: Optional[int] = None, log=report.say) -> dict:
-    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png.
+         heatmaps: int = -1, amp: bool = False, workers: Optional[int] = None, tensorboard: bool = True,
+         log=report.say) -> dict:
+    """Evaluate a saved checkpoint on DATA/test: metrics.json, heatmaps/, summary.png, and the metrics in log.csv
+    and (``tensorboard``) tensorboard/ at the checkpoint's epoch and step (fod.tracking).
 
     Under torchrun (several processes): each process scores its shard (``batch_size`` per process), rank 0
     computes the metrics, writes the outputs and returns the metrics; the other processes return None."""
@@ -80,8 +82,12 @@ def test(checkpoint, data, output, *, dataset: Optional[str] = None, device: str
                        versions=report.versions(fod.backend), world_size=ctx.world_size)
         shown = dataclasses.replace(cfg, data=str(data), dataset=layout)  # the summary names the data evaluated
         written = report.write_outputs(o.stage, cfg=shown, ds=ds, res=res, metrics=metrics,
-                                  history=fod.checkpoint.get("history", []), heatmaps=heatmaps,
-                                  title_extra=" (fod test)")
+                                       history=fod.checkpoint.get("history", []), heatmaps=heatmaps,
+                                       title_extra=" (fod test)")
+        tracking.add_evaluation(o.stage, fod.checkpoint, tracking.evaluation_values(res), "test",
+                                tensorboard=tensorboard, log=log,
+                                examples=report.summary_examples(ds, res, *report.map_scale(res), k=tracking.HEATMAPS))
+        written += [p.name + "/" * p.is_dir() for p in map(o.stage.joinpath, LOGS) if p.exists()]
         o.commit()
     calibrate.log_threshold_metrics(metrics["thresholds"], log)
     report.log_metrics(metrics, folder.path, ", ".join(written), log)
@@ -100,6 +106,7 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
     paths = list(dict.fromkeys(Path(p) for p in images))  # an image given twice is scored once (keyed by path)
     if not paths:
         raise ValueError("no images given to predict")
+    refuse_inputs_inside(output, paths)
     for p in paths:
         if p.is_dir():
             raise IsADirectoryError(f"{p} is a folder, not an image file (give the image files, e.g. {p}/*.png)")
@@ -126,7 +133,8 @@ def predict(checkpoint, images, output, *, device: str = "cpu", backend: Optiona
         result = {}
         preds = det.predict([str(p) for p in paths])
         for i, pr in enumerate(tqdm(preds, total=len(paths), desc="predict", unit="image", leave=False)):
-            np.save(parts / f"{i}.npy", pr.anomaly_map)
+            with writing(parts / f"{i}.npy"), open_for_write(parts / f"{i}.npy") as f:
+                np.save(f, pr.anomaly_map)
             lo, hi = min(lo, float(pr.anomaly_map.min())), max(hi, float(pr.anomaly_map.max()))
             mask = None
             if pr.mask is not None:

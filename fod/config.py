@@ -97,6 +97,9 @@ class Config:
     num_workers: int = field(default=0, metadata=opt("data-loading worker processes", flag="--workers",
                                                      group=RUN_OPTIONS))
     heatmaps: int = field(default=-1, metadata=opt("how many heat-map PNGs to write (-1: all)", group=RUN_OPTIONS))
+    tensorboard: bool = field(default=True, metadata=opt(
+        "no TensorBoard event files in OUTPUT/tensorboard/ (written when the tensorboard package is installed; "
+        "OUTPUT/log.csv is always written)", flag="--no-tensorboard", group=RUN_OPTIONS))
 
     def check(self) -> "Config":
         """Raise ValueError naming the first invalid field; returns self."""
@@ -105,7 +108,7 @@ class Config:
 
 
 # --resume may change these; every other field must equal the checkpoint's.
-RESUME_MUTABLE = frozenset({"epochs", "device", "backend", "num_workers", "heatmaps",
+RESUME_MUTABLE = frozenset({"epochs", "device", "backend", "num_workers", "heatmaps", "tensorboard",
                             "fpr"})  # fpr: used only by the calibration after the last epoch
 
 # The demo: CPU in about a minute with a randomly initialised resnet18. Only layer2 (stride 8, 16x16 tokens at

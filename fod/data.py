@@ -15,17 +15,21 @@ Pixels are read at their true depth: 8-bit (grey, RGB(A), palette) as /255,
 given (it must lie in 0..1); 48-bit RGB is read by Pillow at 8-bit precision;
 grey images are repeated to three channels. Masks follow the same geometry
 (nearest neighbour), must have their image's size, and any non-zero pixel is
-a defect pixel (0/1 and 0/255 masks are the same mask).
+a defect pixel (0/1 and 0/255 masks are the same mask). Images and masks are read as viewers show them, their
+EXIF orientation applied; an image larger than ``max_pixels()`` (--max-pixels, by default Pillow's
+decompression-bomb limit) is refused from its header, before it is decoded.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .config import INTERPOLATIONS
@@ -36,28 +40,62 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 LOSSY_EXTS = (".jpg", ".jpeg")
 RESAMPLE = {name: getattr(Image, name.upper()) for name in INTERPOLATIONS}  # the PIL filter of each name
 
+MAX_PIXELS_ENV = "FOD_MAX_PIXELS"  # set by --max-pixels; read in DataLoader worker processes too
+TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) fod opens: --max-pixels, by default Pillow's decompression-bomb limit."""
+    return int(os.environ.get(MAX_PIXELS_ENV) or Image.MAX_IMAGE_PIXELS)
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """Image.open with fod's own pixel limit, checked from the header before any pixel is decoded, and one clear
+    error instead of Pillow's DecompressionBombWarning (printed raw) or DecompressionBombError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path)
+        except Exception as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if w * h > max_pixels():
+        im.close()
+        raise ValueError(f"image {path} has {w} x {h} = {w * h} pixels, more than the limit of {max_pixels()} "
+                         "(a decompression bomb?); if you trust it, raise --max-pixels")
+    return im
+
 
 def _open(path: Path) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (a phone photo stored sideways is upright)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    im = _open_checked(path)
     try:
-        with Image.open(path) as im:
+        with im:
             im.load()
-            return im
+            return ImageOps.exif_transpose(im)
     except Exception as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
 def image_size_of(path) -> tuple[int, int]:
-    """(width, height) from the file's header; an unreadable file is an error naming it."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    """(width, height) as viewers show it (EXIF orientation applied), from the file's header; an unreadable or
+    too large file is an error naming it."""
+    im = _open_checked(path)
+    with im:
+        w, h = im.size
+        try:
+            turned = im.getexif().get(0x0112) in TRANSPOSED  # 0x0112: the Orientation tag
+        except Exception:
+            turned = False
+        return (h, w) if turned else (w, h)
 
 
 def _pixels(im: Image.Image, path) -> Image.Image:

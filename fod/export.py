@@ -24,6 +24,7 @@ recorded in the sidecar under ``verified``.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from torch import nn
 
 from .checkpoint import calibration_of
 from .checkpoint import load as load_checkpoint
-from .files import atomic_write_text, check_writable, tmp_name, writing
+from .files import check_writable, open_for_write, tmp_name, write_temporary, writing
 from .version import __version__
 
 FORMATS = ("onnx", "torchscript")
@@ -137,9 +138,14 @@ def _write_torchscript(model: ExportedFOD, example: torch.Tensor, path: Path):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice and tracer warnings
         traced = torch.jit.trace(model, (example,), check_trace=False)
-    with writing(path), warnings.catch_warnings():
+    buf = io.BytesIO()  # in memory first: torch.jit.save's C++ file writer aborts the process on a full disk
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save's deprecation notice
-        torch.jit.save(traced, str(path))
+        torch.jit.save(traced, buf)
+    with open_for_write(path) as f:  # the caller turns an OSError into a WriteError naming the file
+        f.write(buf.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def run_exported(path, fmt: str, images: np.ndarray):
@@ -214,14 +220,15 @@ def export(checkpoint, fmt: str, output, *, opset: int = ONNX_OPSET, overwrite: 
     example = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))
     with writing(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(out)
+    tmp, side_tmp = tmp_name(out), None
     try:
         log(f"fod export: tracing the model ({fmt}, reference formulation, input (N, 3, {s}, {s}))")
         try:
-            if fmt == "onnx":
-                _write_onnx(model, example, tmp, opset)
-            else:
-                _write_torchscript(model, example, tmp)
+            with writing(out):  # a full disk: one line naming the file, the temporary file removed (finally)
+                if fmt == "onnx":
+                    _write_onnx(model, example, tmp, opset)
+                else:
+                    _write_torchscript(model, example, tmp)
         except OSError:
             raise
         except Exception as exc:
@@ -229,12 +236,15 @@ def export(checkpoint, fmt: str, output, *, opset: int = ONNX_OPSET, overwrite: 
             raise RuntimeError(f"exporting to {fmt} failed ({type(exc).__name__}: {first})") from exc
         info = sidecar(model, fmt, out, checkpoint, opset if fmt == "onnx" else None)
         info["verified"] = _verify(model, tmp, fmt, log) if verify else None
+        # both files written before either is renamed into place: a full disk leaves neither half-done
+        side_tmp = write_temporary(side, lambda f: f.write(json.dumps(info, indent=2).encode("utf-8")))
         with writing(out):
             os.replace(tmp, out)
+            os.replace(side_tmp, side)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    atomic_write_text(side, json.dumps(info, indent=2))
+        for t in (tmp, side_tmp):
+            if t is not None and t.exists():
+                t.unlink()
     log(f"fod export: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {side}; thresholds: image "
         f"{info['image_threshold']}, pixel {info['pixel_threshold']}")
     return info

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
+import json
 import os
 import re
 import secrets
@@ -26,13 +26,18 @@ from pathlib import Path
 from typing import Optional
 
 LOCK_NAME = ".fod.lock"
+MANIFEST = ".fod-manifest.json"  # the files fod wrote into an output folder: --overwrite replaces only those
 STAGE_PREFIX = ".fod-tmp-"
 TMP_MARK = ".tmp"  # temporary files are NAME.tmp-PID-RANDOM (and NAME.tmp from older versions)
 
+# A run's logs (fod.tracking): products of train and test, moved into place and replaced as the others are, but
+# not results: a folder holding only the logs of a run killed before its first checkpoint takes a fresh run.
+LOGS = ("log.csv", "tensorboard")
+EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files, the only files fod writes into tensorboard/
 # What each command writes into its output folder, and the file that marks a folder as that command's.
 PRODUCTS = {
-    "train": ("checkpoint.pt", "config.toml", "metrics.json", "summary.png", "heatmaps"),
-    "test": ("metrics.json", "summary.png", "heatmaps"),
+    "train": ("checkpoint.pt", "config.toml", "metrics.json", "summary.png", "heatmaps", *LOGS),
+    "test": ("metrics.json", "summary.png", "heatmaps", *LOGS),
     "predict": ("scores.json", "maps.npz", "heatmaps", "masks"),
 }
 
@@ -48,21 +53,31 @@ class FolderInUse(RuntimeError):
     """Another live process holds the output folder's lock."""
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: OSError, path=None) -> str:
+    """Why, in words: the error's text and code ("No space left on device (ENOSPC)"). A short write reported
+    without an error number (numpy: "16384 requested and 992 written") is named as a full disk when it is one."""
     code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
     text = exc.strerror or str(exc)
+    if not exc.errno and path is not None:
+        try:
+            if shutil.disk_usage(_nearest_existing(Path(path))).free < 1 << 20:
+                text, code = f"{os.strerror(errno.ENOSPC)} ({text})", "ENOSPC"
+        except OSError:
+            pass
     return f"{text} ({code})" if code else text
 
 
 @contextmanager
 def writing(path):
-    """Turn an OSError raised while writing ``path`` into a WriteError that names it."""
+    """Turn an OSError raised while writing ``path`` into a WriteError that names it and says why in words."""
     try:
         yield
     except WriteError:
         raise
     except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {path}: {_reason(exc)}") from exc
+        reason = _reason(exc, path)
+        raise WriteError(exc.errno or (errno.ENOSPC if reason.endswith("(ENOSPC)") else None),
+                         f"cannot write {path}: {reason}") from exc
 
 
 def open_for_write(path: Path):
@@ -74,8 +89,9 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def atomic_write(path, write, fsync: bool = True):
-    """Call ``write(file)`` on a fresh temporary file, flush it to disk, rename it to ``path``."""
+def write_temporary(path, write, fsync: bool = True) -> Path:
+    """Call ``write(file)`` on a fresh temporary file beside ``path`` and flush it to disk; return its name (the
+    caller renames it over ``path``, or removes it). A failure removes it and raises a WriteError naming ``path``."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
@@ -85,19 +101,20 @@ def atomic_write(path, write, fsync: bool = True):
                 if fsync:
                     f.flush()
                     os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path, write, fsync: bool = True):
+    """Call ``write(file)`` on a fresh temporary file, flush it to disk, rename it to ``path``."""
+    tmp = write_temporary(path, write, fsync)
+    try:
+        with writing(path):
             os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_save(obj, path):
-    """torch.save, atomically (the previous file stays whole until the new one is complete). Serialised in
-    memory first: torch's writer reports a failed write (a full disk) as an anonymous RuntimeError."""
-    import torch
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path, text: str):
@@ -173,6 +190,15 @@ def refuse_inside(output, data):
                          "as data; choose a folder outside it")
 
 
+def refuse_inputs_inside(output, inputs):
+    """Results written into the folder of a command's own inputs could replace them (--overwrite)."""
+    out = Path(output).absolute().resolve()
+    inside = [str(p) for p in inputs if out in Path(p).absolute().resolve().parents]
+    if inside:
+        raise ValueError(f"--output {output} holds input images of this command ({', '.join(inside[:3])}): choose an "
+                         "output folder that does not contain them")
+
+
 class OutputLock:
     """An exclusive flock on FOLDER/.fod.lock holding the owner's PID and command."""
 
@@ -197,9 +223,15 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"PID {os.getpid()}: {self.what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self.fd = fd
+        try:
+            with writing(self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"PID {os.getpid()}: {self.what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+                          0)
+        except WriteError:
+            self.release()  # a full disk: the lock file goes too
+            raise
 
     def release(self):
         if self.fd is not None:
@@ -211,8 +243,8 @@ class OutputLock:
             self.fd = None
 
 
-_STALE = re.compile("(" + "|".join(re.escape(n) for n in sorted({n for ps in PRODUCTS.values() for n in ps}))
-                    + r")\.tmp(-\d+-[0-9a-f]{8})?")
+_NAMES = sorted({MANIFEST} | {n for ps in PRODUCTS.values() for n in ps})
+_STALE = re.compile("(" + "|".join(re.escape(n) for n in _NAMES) + r")\.tmp(-\d+-[0-9a-f]{8})?")
 
 
 def remove_stale_temporaries(folder: Path):
@@ -247,7 +279,8 @@ class OutputFolder:
         self.lock: Optional[OutputLock] = None
 
     def existing(self) -> list[str]:
-        return [p for p in self.products if (self.path / p).exists()] if self.path.is_dir() else []
+        """This command's results in the folder (its logs alone are none)."""
+        return [p for p in self.products if p not in LOGS and (self.path / p).exists()] if self.path.is_dir() else []
 
     def _check_contents(self):
         if not self.path.is_dir():
@@ -315,21 +348,76 @@ class OutputFolder:
                 except OSError:
                     break
 
+    def _manifest(self) -> set[str]:
+        """The files (relative paths) fod wrote into the folder, as its manifest lists them (empty: none)."""
+        try:
+            files = json.loads((self.path / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+        # only plain names of this command's products, or NAME/FILE in one of its folders: an edited manifest
+        # cannot point outside the folder ("heatmaps/../../x")
+        return {f for f in files if isinstance(f, str) and (f in self.products or (
+            f.count("/") == 1 and f.split("/")[0] in self.products and f.split("/")[1] not in ("", ".", "..")))}
+
+    def _write_manifest(self, files):
+        atomic_write_text(self.path / MANIFEST, json.dumps({"command": self.command, "files": sorted(files)},
+                                                           indent=1))
+
+    def _in_place_files(self) -> set[str]:
+        """The products this run wrote in place, as manifest entries: a folder (tensorboard/) by its files, so
+        that a later --overwrite removes them and leaves a user's file there alone."""
+        out = set()
+        for n in self.in_place:
+            p = self.path / n
+            if p.is_dir() and not p.is_symlink():
+                out |= {f"{n}/{f.name}" for f in p.glob(EVENTS_GLOB if n == LOGS[1] else "*") if f.is_file()}
+            elif p.exists():
+                out.add(n)
+        return out
+
     def commit(self):
-        """Move the staged products into place; remove this command's products that were not made this time."""
+        """Move the staged products into place; remove this command's products that were not made this time.
+        In product folders (heatmaps/, masks/) only the files fod wrote (the manifest) are replaced or removed:
+        a user's file there is never touched, and one that a new file would replace stops the commit first."""
         assert self.stage is not None, "commit() outside open()"
         made = {p.name for p in self.stage.iterdir()}
+        prev = self._manifest()
+        new = set()
+        for n in self.products:
+            if n in made:
+                st = self.stage / n
+                new |= {f"{n}/{f.name}" for f in st.iterdir()} if st.is_dir() else {n}
+        clash = sorted(r for r in new if "/" in r and r not in prev
+                       and ((self.path / r).exists() or (self.path / r).is_symlink()))
+        if clash:
+            raise FileExistsError(f"{self.path} holds {', '.join(clash[:5])}, which fod did not write (not in "
+                                  f"{MANIFEST}) and would replace: move them, or choose another --output")
         trash = self.stage / ".replaced"
         trash.mkdir()
+        self._write_manifest(prev | new | self._in_place_files())  # a crash: both
         # metrics.json / scores.json last: once they are there, the rest of the run is in place too
         order = sorted(self.products, key=lambda n: n in ("metrics.json", "scores.json"))
         for name in order:
             target = self.path / name
-            if name in made:
-                if (self.stage / name).is_dir() and target.exists():
-                    os.replace(target, trash / name)
+            if name in self.in_place and name not in made:
+                continue  # written in place by this run (train's checkpoint, its live logs)
+            if (self.stage / name).is_dir() or (name not in made and target.is_dir() and not target.is_symlink()):
+                (trash / name).mkdir()
+                for rel in sorted(r for r in prev if r.startswith(name + "/")):
+                    if (self.path / rel).is_file() and not (self.path / rel).is_symlink():
+                        os.replace(self.path / rel, trash / rel)
+                if name in made:
+                    with writing(target):
+                        target.mkdir(exist_ok=True)
+                    for f in (self.stage / name).iterdir():
+                        with writing(target / f.name):
+                            os.replace(f, target / f.name)
+                elif not any(target.iterdir()):
+                    target.rmdir()
+            elif name in made:
                 with writing(target):
                     os.replace(self.stage / name, target)
             elif name not in self.in_place and (target.exists() or target.is_symlink()):
                 os.replace(target, trash / name)
+        self._write_manifest(new | self._in_place_files())
         self.created = []  # the folder holds results now: keep it

@@ -6,12 +6,14 @@ evaluation after every epoch, best image and best pixel AUROC reported from poss
 epochs) and says so.
 
 ``train`` runs in phases: check (the options, the checkpoint to resume, the output folder), build (backbone,
-data, model; every test image read), fit (features, reference memory, the epoch loop, a checkpoint after
-every epoch) and finish (calibration, the final evaluation, the outputs). One process or several under
-torchrun is the runner's business (``fod.runner``): the loop itself has no distributed branches.
+data, model; every test image read), fit (features, reference memory, the epoch loop, a checkpoint and then
+the run's log, fod.tracking, after every epoch) and finish (calibration, the final evaluation, the outputs).
+One process or several under torchrun is the runner's business (``fod.runner``): the loop itself has no
+distributed branches.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -22,17 +24,16 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from . import calibrate, checkpoint, distributed, report
+from . import calibrate, checkpoint, distributed, interrupt, report, tracking
 from .backbone import Backbone, build_backbone
 from .config import Config, check_device, resume_differences, to_dict, to_toml
 from .data import AnomalyDataset, Preprocess, check_split, scan_sizes
 from .evaluate import evaluate, public_metrics
-from .files import OutputFolder, WriteError, atomic_write_text, refuse_inside
+from .files import LOGS, OutputFolder, WriteError, atomic_write_text, refuse_inside
 from .model import FOD, default_d_model, extract_features, fod_loss, reconstruction_loss, reference_memory, \
     resolve_backend
 from .runner import Runner, runner_for
 
-TRAIN_PRODUCTS = ("checkpoint.pt", "metrics.json", "summary.png")
 LOSS_TERMS = ("rec", "K_intra", "K_inter", "E_intra", "E_inter")
 
 
@@ -47,9 +48,11 @@ def loss_terms(out, x, intra, inter) -> dict:
 
 
 def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Generator, n: int, *, cached=None,
-                train_ds=None, desc: str = "epoch", epoch: int = 0, runner: Optional[Runner] = None) -> dict:
+                train_ds=None, desc: str = "epoch", epoch: int = 0, runner: Optional[Runner] = None,
+                on_step=None) -> dict:
     """One pass over the ``n`` training images in the order drawn from ``gen``: sample-weighted means of
-    the loss and its parts ({"loss", "rec", "k_intra", "k_inter"}). A non-finite loss raises
+    the loss and its parts ({"loss", "rec", "k_intra", "k_inter", "e_intra", "e_inter"}); ``on_step(step, values)``
+    after each step with that step's (the global batch's). A non-finite loss raises
     checkpoint.NonFiniteError naming the first non-finite term, the level, the epoch and the step, before the
     weights are updated.
 
@@ -63,7 +66,7 @@ def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Ge
     device = cfg.device
     fod.models.train()
     perm = torch.randperm(n, generator=gen)
-    sums = {"loss": 0.0, "rec": 0.0, "k_intra": 0.0, "k_inter": 0.0}
+    sums = {"loss": 0.0, "rec": 0.0, "k_intra": 0.0, "k_inter": 0.0, "e_intra": 0.0, "e_inter": 0.0}
     bar = tqdm(perm.split(cfg.batch_size * runner.world_size), desc=desc, unit="batch", leave=False)
     for step, idx in enumerate(bar, 1):
         mine, share = runner.share(idx)
@@ -73,7 +76,7 @@ def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Ge
             imgs = torch.stack([train_ds[int(i)]["image"] for i in mine]).to(device)
             feats = fod.tokens(imgs)
         loss = 0.0
-        parts = {"rec": 0.0, "k_intra": 0.0, "k_inter": 0.0}
+        parts = {"rec": 0.0, "k_intra": 0.0, "k_inter": 0.0, "e_intra": 0.0, "e_inter": 0.0}
         levels = []
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp):
             for f, (o, intra, inter) in zip(feats, runner.forward(feats, fod.memories)):
@@ -91,6 +94,8 @@ def train_epoch(fod: FOD, opt: torch.optim.Optimizer, cfg: Config, gen: torch.Ge
         sums["loss"] += value * w
         for k in parts:
             sums[k] += parts[k] * w
+        if on_step is not None:
+            on_step(step, {"loss": value, **parts})
         bar.set_postfix(loss=f"{value:.4f}", rec=f"{parts['rec']:.4f}")
     return sums
 
@@ -120,8 +125,9 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
 
     Everything that can be checked is checked before the output folder is touched: the options, the
     checkpoint to resume, the backbone weights, the image size, every test image and mask, the output
-    folder. A fresh run writes checkpoint.pt (and config.toml) into the folder after every epoch (so that
-    --resume can continue it); an --overwrite run stages them with the other products until it succeeds.
+    folder. A fresh run writes checkpoint.pt (and config.toml), then log.csv and tensorboard/ (fod.tracking), into
+    the folder after every epoch (so that --resume can continue it); an --overwrite run stages them with the other
+    products until it succeeds. SIGINT or SIGTERM (fod.interrupt) is told which epoch the folder keeps.
 
     Under torchrun (several processes, fod.distributed): the same run with the global batch N * batch_size,
     rank 0 logs, writes every file and returns the metrics; the other processes return None.
@@ -130,16 +136,18 @@ def train(cfg: Config, output, *, resume: bool = False, overwrite: bool = False,
     log = runner.log(log)
     cfg, folder, ck = _check(cfg, output, resume, overwrite, runner, log)
     run = _build(cfg, folder, ck, runner, log)
-    with runner.output(folder) as o:
+    with runner.output(folder) as o, contextlib.ExitStack() as cleanup:
         distributed.checks_passed()  # several processes: every one passed its checks (else all stop here)
         fit = _Fit(run, o, runner, log)
+        cleanup.callback(fit.close_log)
         fit.epochs()
         done = _finish(run, fit, o, runner, log)
     if done is None:  # a process other than rank 0: rank 0 has the maps and writes the results
         return None
     metrics, written = done
     calibrate.log_threshold_metrics(metrics["thresholds"], log)
-    report.log_metrics(metrics, folder.path, ", ".join(["checkpoint.pt", "config.toml"] + written), log)
+    logs = [tracking.CSV_NAME] + ([tracking.EVENTS_NAME + "/"] if (folder.path / tracking.EVENTS_NAME).is_dir() else [])
+    report.log_metrics(metrics, folder.path, ", ".join(["checkpoint.pt", "config.toml"] + written + logs), log)
     return metrics
 
 
@@ -179,6 +187,8 @@ def _resumed(cfg: Config, ck_path: Path, runner: Runner, log) -> dict:
     if diff:
         raise ValueError(f"--resume with a different configuration than {ck_path}: "
                          + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    if runner.is_main:
+        tracking.read_rows(ck_path.parent / tracking.CSV_NAME)  # a damaged log.csv is said now, not after the features
     if cfg.epochs < ck["epoch"]:
         raise ValueError(f"--resume --epochs {cfg.epochs}: {ck_path} has already been trained for {ck['epoch']} "
                          f"epochs; pass --epochs {ck['epoch']} or more (fod test evaluates it as it is)")
@@ -264,7 +274,7 @@ def _build(cfg: Config, folder: OutputFolder, ck: Optional[dict], runner: Runner
 
 class _Fit:
     """The fit phase: the features and the reference memory, the optimiser (or the resumed state), the epoch
-    loop, and a checkpoint after every epoch."""
+    loop, a checkpoint after every epoch and then the epoch's row of the run's log (rank 0; ``tlog``)."""
 
     def __init__(self, run: _Run, o, runner: Runner, log):
         cfg, fod, ck, device = run.cfg, run.fod, run.ck, run.cfg.device
@@ -272,7 +282,7 @@ class _Fit:
         self.replacing, self.path = o.replacing, o.path
         run_dir = o.stage if self.replacing else o.path  # where checkpoint.pt and config.toml go during training
         if not self.replacing:
-            o.in_place = {"checkpoint.pt", "config.toml"}
+            o.in_place = {"checkpoint.pt", "config.toml", *LOGS}
         self.run_dir, self.ck_file = run_dir, run_dir / "checkpoint.pt"
         mine = runner.shard(run.fit_ds)  # several processes: each extracts the features of its shard
         cached = extract_features(fod, mine, cfg, device, "features") if cfg.cache_features else None
@@ -294,6 +304,19 @@ class _Fit:
             self.compat = ck.get("compat", self.compat)
             log(f"fod: resuming {run.ck_path} after epoch {self.start}")
         self.saved = {"epoch": self.start if ck else None, "config": False}
+        self.steps_per_epoch = math.ceil(len(run.fit_ds) / (runner.world_size * cfg.batch_size))
+        self.tlog = None
+        if runner.is_main:  # rank 0 logs: log.csv and the event files go where the checkpoint goes
+            self.tlog = tracking.RunLog.for_training(run_dir, steps_per_epoch=self.steps_per_epoch,
+                                                     history=self.history, resume=bool(ck),
+                                                     tensorboard=cfg.tensorboard, log=log)
+            if self.tlog.events:
+                log(f"fod: watch the run: tensorboard --logdir {self.path}")
+        interrupt.set_hint(self.interrupted if runner.is_main else None)
+
+    def close_log(self):
+        if self.tlog is not None:
+            self.tlog.close()
 
     def save(self, epoch, extra=None):
         run, cfg, world = self.run, self.run.cfg, self.runner.world_size
@@ -303,11 +326,19 @@ class _Fit:
         checkpoint.save(self.ck_file, cfg=cfg, fod=run.fod, optimizer=self.opt, gen=self.gen, epoch=epoch,
                         history=self.history, train_seconds=self.train_seconds, compat=self.compat,
                         extra={"train_data": run.fingerprint, "world_size": world,
-                               "global_batch_size": world * cfg.batch_size, **(extra or {})})
+                               "global_batch_size": world * cfg.batch_size,
+                               "steps_per_epoch": self.steps_per_epoch, **(extra or {})})
         if not self.saved["config"]:  # with the first checkpoint of this run
             atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
             self.saved["config"] = True
         self.saved["epoch"] = epoch
+
+    def interrupted(self) -> str:
+        if self.replacing:
+            return f"before the end; the previous results in {self.path} are unchanged"
+        if self.saved["epoch"] is None:
+            return "before the first checkpoint; run the same command to start again"
+        return f"after epoch {self.saved['epoch']}; run the same command with --resume to continue"
 
     def kept(self) -> str:
         if self.replacing:
@@ -337,17 +368,21 @@ class _Fit:
         run, cfg, fod, log = self.run, self.run.cfg, self.run.fod, self.log
         n = len(run.fit_ds)
         t0 = time.perf_counter()
+        tlog, spe = self.tlog, self.steps_per_epoch
         sums = train_epoch(fod, self.opt, cfg, self.gen, n, cached=self.cached, train_ds=run.fit_ds,
-                           desc=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch + 1, runner=self.runner)
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch + 1, runner=self.runner,
+                           on_step=tlog and (lambda s, v: tlog.train_step(epoch * spe + s, v)))
         bad = checkpoint.nonfinite(fod.models.state_dict())
         if bad:
             raise checkpoint.NonFiniteError(f"training diverged in epoch {epoch + 1}: every loss was finite but the "
                                             f"last update made weights non-finite ({', '.join(bad[:3])})")
         secs = time.perf_counter() - t0
         self.train_seconds += secs
-        self.history.append({"epoch": epoch + 1, "seconds": secs, **sums})
+        self.history.append({"epoch": epoch + 1, "seconds": secs, **sums, "lr": self.opt.param_groups[0]["lr"],
+                             "images_per_second": n / secs})
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {sums['loss']:.4f} rec {sums['rec']:.4f} "
             f"K_intra {sums['k_intra']:.3f} K_inter {sums['k_inter']:.3f} ({secs:.1f} s, {n / secs:.1f} img/s)")
+        r = None
         if cfg.compat_official:
             r = evaluate(fod, run.test_ds, cfg, cfg.device, desc=f"test-set selection, epoch {epoch + 1}")
             if r is not None:  # None: a process other than rank 0
@@ -356,6 +391,10 @@ class _Fit:
                 log(f"  [compat-official] test set after epoch {epoch + 1}: image AUROC "
                     f"{e['image_auroc']:.4f} pixel AUROC {e['pixel_auroc']:.4f}")
         self.save(epoch + 1)
+        if tlog:  # after the checkpoint: log.csv never holds an epoch it lacks
+            tlog.epoch(self.history[-1])
+            if r is not None:
+                tlog.evaluation(epoch + 1, tracking.evaluation_values(r), "compat_test")
 
 
 # ----------------------------------------------------------------------------- finish
@@ -372,10 +411,14 @@ def _finish(run: _Run, fit: _Fit, o, runner: Runner, log) -> Optional[tuple]:
     if res is None:  # a process other than rank 0
         return None
     scale = report.map_scale(res)
-    fit.save(max(cfg.epochs, fit.start), {"map_scale": scale, "calibration": calib})
+    done = max(cfg.epochs, fit.start)
+    fit.save(done, {"map_scale": scale, "calibration": calib})
     metrics = _metrics(run, fit, res, calib, runner)
     written = report.write_outputs(o.stage, cfg=cfg, ds=run.test_ds, res=res, metrics=metrics, history=fit.history,
                                    scale=scale, heatmaps=cfg.heatmaps)
+    fit.tlog.evaluation(done, tracking.evaluation_values(res), "test")  # the final model's (compat: not the selection)
+    fit.tlog.heatmaps(done, report.summary_examples(run.test_ds, res, *scale, k=tracking.HEATMAPS), "test")
+    fit.close_log()
     o.commit()
     return metrics, written
 

@@ -102,6 +102,8 @@ _warned = set()
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn 'auto' into a concrete backend; raise if an explicit one cannot run."""
+    if backend == "auto" and device.type == "meta":  # shapes only: the reference's are every backend's
+        return "reference"
     if backend == "auto":
         order = auto_order(device.type)
         reasons = []
@@ -152,5 +154,6 @@ def _load_runner(name: str):
 
 
 def get_runner(name: str):
-    """run(branches, rows, cols, scale, eps, need_stats) of a kernel backend."""
+    """The KernelRunner of a kernel backend: run(branches, rows, cols, scale, eps, need_stats, masks=None)
+    (fod_kernels/_custom_op.py)."""
     return _runners[name] if name in _runners else _load_runner(name)

@@ -49,9 +49,11 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def scans_enabled(check_values: bool) -> bool:
-    """Data-dependent scans run eagerly only (not while torch.compile/export or torch.jit.trace trace)."""
-    return check_values and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+def scans_enabled(check_values: bool, device: torch.device) -> bool:
+    """Data-dependent scans run eagerly only (not while torch.compile/export or torch.jit.trace trace), and
+    only on tensors that hold data (meta tensors have shapes only)."""
+    return check_values and device.type != "meta" and not torch.compiler.is_compiling() and \
+        not torch.jit.is_tracing()
 
 
 def check_branch(q, k, v, sigma, grid, *, name: str = "", check_values: bool = True, key_padding_mask=None):
@@ -107,7 +109,7 @@ def check_branch(q, k, v, sigma, grid, *, name: str = "", check_values: bool = T
             raise ValueError(f"{pre}key_padding_mask must have shape (1 or B={B}, S={S}), got {tuple(m.shape)}")
         if m.device != q.device:
             raise ValueError(f"{pre}key_padding_mask must be on q's device {q.device}, got {m.device}")
-    if scans_enabled(check_values):
+    if scans_enabled(check_values, q.device):
         for n, t in tensors.items():
             if not bool(torch.isfinite(_plain(t)).all()):
                 raise ValueError(f"{pre}{n} contains NaN or inf")

@@ -28,6 +28,18 @@ class CorrelationStats(NamedTuple):
     entropy: torch.Tensor
 
 
+class I2CorrelationResult(NamedTuple):
+    """What :func:`i2correlation` returns; it unpacks as four, ``oi, oe, si, se = i2correlation(...)``.
+
+    out_intra, out_inter (B, H, L, D) in q's dtype; stats_intra, stats_inter a :class:`CorrelationStats`
+    each, or None for a branch whose ``need_stats`` entry is False.
+    """
+    out_intra: torch.Tensor
+    out_inter: torch.Tensor
+    stats_intra: Optional[CorrelationStats]
+    stats_inter: Optional[CorrelationStats]
+
+
 def _unbroadcast(k: torch.Tensor) -> torch.Tensor:
     # A memory expanded to the batch (stride 0) is a batch-shared memory: use it without a copy.
     if k.shape[0] > 1 and k.stride(0) == 0:
@@ -109,7 +121,7 @@ def _run(branches, masks, grid, scale, eps, backend, need_stats, check_values):
         results = get_runner(name)(fixed, rows, cols, scale, eps, need_stats, [_unbroadcast_mask(m) for m in masks])
     res = []
     for (out, kla, klp, ent), need, bname in zip(results, need_stats, names):
-        if scans_enabled(check_values):
+        if scans_enabled(check_values, out.device):
             check_finite_result(out, q0.dtype, bname)
         res.append((out, CorrelationStats(kla, klp, ent) if need else None))
     return res
@@ -156,7 +168,15 @@ def correlation_attention(q, k, v, sigma, grid, *, scale: Optional[float] = None
     sigma only (attention held constant); ``kl_attn + kl_prior - kl_attn.detach()``
     is K with its full gradient. ``check_values`` scans the inputs for NaN/inf,
     sigma <= 0 and fully masked rows, and the output for an overflow of q.k (a
-    device sync per tensor; skipped while torch.compile/export/jit.trace trace).
+    device sync per tensor; skipped while torch.compile/export/jit.trace trace,
+    and on meta tensors). ``out`` requires grad when q, k or v does,
+    ``kl_attn`` and ``entropy`` when q or k does, ``kl_prior`` when sigma does,
+    on every backend.
+
+    Meta tensors (``device="meta"``: torch.compile's tracing, FSDP's meta-device
+    initialisation) give results with the shapes and dtypes above and no data:
+    ``backend="auto"`` uses the reference formulation there, and each kernel
+    backend's op has a meta kernel.
     """
     return _run([(q, k, v, sigma)], [key_padding_mask], grid, scale, eps, backend, [need_stats], check_values)[0]
 
@@ -169,12 +189,14 @@ def i2correlation(q, k, v, sigma, q_ref, k_ref, v_ref, sigma_ref, grid, *, scale
     Intra: (q, k, v, sigma) from the image's own tokens, keys masked by
     ``key_padding_mask``. Inter: queries and widths (q_ref, sigma_ref) from the
     image, keys/values (k_ref, v_ref) from the reference memory, usually with
-    batch 1, masked by ``key_padding_mask_ref``. Returns
-    ``(out_intra, out_inter, intra_stats, inter_stats)``.
+    batch 1, masked by ``key_padding_mask_ref``. Both branches share device,
+    dtype, (B, H, L) and grid; ``need_stats`` is one bool or one per branch.
+    Returns an :class:`I2CorrelationResult` ``(out_intra, out_inter,
+    stats_intra, stats_inter)``, which unpacks as four.
     """
     if isinstance(need_stats, bool):
         need_stats = (need_stats, need_stats)
     (oi, si), (oe, se) = _run([(q, k, v, sigma), (q_ref, k_ref, v_ref, sigma_ref)],
                               [key_padding_mask, key_padding_mask_ref], grid, scale, eps, backend,
                               [bool(x) for x in need_stats], check_values)
-    return oi, oe, si, se
+    return I2CorrelationResult(oi, oe, si, se)

@@ -1,6 +1,7 @@
 """``I2Correlation``: the drop-in layer (projections + both branches + fusion)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -105,7 +106,9 @@ class I2Correlation(nn.Module):
     def _sigma(self, lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # (B, H, L, 2), float32 (float64 in float64)
         B, L, _ = x.shape
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.autocast(x.device.type, enabled=False):
+        no_autocast = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(
+            x.device.type) else contextlib.nullcontext()  # meta tensors: no autocast exists
+        with no_autocast:
             z = F.linear(x.to(dt), lin.weight.to(dt), None if lin.bias is None else lin.bias.to(dt))
         return sigma_from_logits(z, self.sigma_max).view(B, L, self.n_heads, 2).transpose(1, 2)
 

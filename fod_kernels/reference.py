@@ -77,5 +77,5 @@ def correlation_reference(q, k, v, sigma, grid, scale=None, eps=1e-4, key_paddin
 
     kl_attn = sym_kl(p, logp, t.detach(), logt.detach())
     kl_prior = sym_kl(p.detach(), logp.detach(), t, logt)
-    entropy = -(p * logp).sum(-1)
+    entropy = -(p * logp).sum(-1).to(kl_attn.dtype)  # the statistics' dtype (sigma's) also for bf16/fp16 q
     return out, kl_attn, kl_prior, entropy

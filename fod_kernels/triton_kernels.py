@@ -311,6 +311,30 @@ def fwd_kernel(Q0, K0, V0, SG0, OUT0, LSE0, KL0, ENT0, RA0, RB0, M0,
 # (the prior's normaliser, log t = (l - lmax) - lz, written by logz_kernel); NROW = B*H*L, the stride
 # between its slots.
 # ---------------------------------------------------------------------------
+@triton.jit
+def _load_row_stats(ROWB, rr, mask_m, NROW, EXT: tl.constexpr):
+    """The rows rr of a branch's ROW slots (ROWB): lse, dfull, g_kl_attn, g_ent, lz, lmax (lmax = lz on the
+    plain path, where log t = l - lz). g_kl_prior (slot 3) is the dq kernel's alone."""
+    lse = tl.load(ROWB + rr, mask=mask_m, other=0.0)
+    dfull = tl.load(ROWB + NROW + rr, mask=mask_m, other=0.0)
+    g_kl_attn = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
+    g_ent = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
+    lz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
+    if EXT:
+        lmax = tl.load(ROWB + 6 * NROW + rr, mask=mask_m, other=0.0)
+    else:
+        lmax = lz
+    return lse, dfull, g_kl_attn, g_ent, lz, lmax
+
+
+@triton.jit
+def _dscore(p, t, lp, lt, pe, gv, dfull, g_kl_attn, g_ent, valid):
+    """dS (spec section 3): p (gv - dfull) + g_kl_attn (p (lp - lt) + pe (p - t)) - g_ent p (lp + pe), 0 outside
+    valid. The row terms dfull, g_kl_attn, g_ent come broadcast to the tile's orientation."""
+    ds = p * (gv - dfull) + g_kl_attn * (p * (lp - lt) + pe * (p - t)) - g_ent * p * (lp + pe)
+    return tl.where(valid, ds, 0.0)
+
+
 @triton.jit(do_not_specialize=["H", "NROW", "L", "rows", "cols", *_SIGMA_STRIDES, *_KEY_ARGS],
             do_not_specialize_on_alignment=["SG0", "SG1", "M0", "M1"])
 def logz_kernel(SG0, SG1, M0, M1, ROW, ss_b0, ss_h0, ss_l0, ss_b1, ss_h1, ss_l1, S0, sm_b0, S1, sm_b1,
@@ -421,16 +445,7 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, M0, Q1, K1, V1, SG1, DO1, DK
             mask_md = mask_m[:, None] & mask_d[None, :]
             q = tl.load(Qb + offs_m[:, None] * sq_l + offs_d[None, :], mask=mask_md, other=0.0)
             do = tl.load(DOb + offs_m[:, None] * sdo_l + offs_d[None, :], mask=mask_md, other=0.0)
-            rr = row0 + offs_m
-            lse = tl.load(ROWB + rr, mask=mask_m, other=0.0)
-            dfull = tl.load(ROWB + NROW + rr, mask=mask_m, other=0.0)
-            g_kl_attn = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
-            g_ent = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
-            lz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
-            if EXT:
-                lmax = tl.load(ROWB + 6 * NROW + rr, mask=mask_m, other=0.0)
-            else:
-                lmax = lz
+            lse, dfull, g_kl_attn, g_ent, lz, lmax = _load_row_stats(ROWB, row0 + offs_m, mask_m, NROW, EXT)
             sy, sx = _load_sigma(SGb, offs_m, ss_l, mask_m)
             # Transposed tiles: keys along axis 0, queries along axis 1.
             # The scores exactly as the forward and the dq kernel compute them (same operand order), so that
@@ -447,9 +462,7 @@ def bwd_dkdv_kernel(Q0, K0, V0, SG0, DO0, DK0, DV0, M0, Q1, K1, V1, SG1, DO1, DK
             valid = keep[:, None] & mask_m[None, :]
             p = tl.where(valid, p, 0.0)
             gv = _dot(v, tl.trans(do), PREC, UPCAST)
-            ds = (p * (gv - dfull[None, :]) + g_kl_attn[None, :] * (p * (lp - lt) + pe * (p - t))
-                  - g_ent[None, :] * p * (lp + pe))
-            ds = tl.where(valid, ds, 0.0)
+            ds = _dscore(p, t, lp, lt, pe, gv, dfull[None, :], g_kl_attn[None, :], g_ent[None, :], valid)
             dv += _dot(p.to(do.dtype), do, PREC, UPCAST)
             dk += _dot(ds.to(q.dtype), q, PREC, UPCAST)
         Qb += sq_b
@@ -516,17 +529,8 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, M0, Q1, K1, V1, SG1, DO1, DQ1,
     mask_md = mask_m[:, None] & mask_d[None, :]
     q = tl.load(Q + offs_m[:, None] * sq_l + offs_d[None, :], mask=mask_md, other=0.0)
     do = tl.load(DO + offs_m[:, None] * sdo_l + offs_d[None, :], mask=mask_md, other=0.0)
-    rr = row0 + offs_m
-    lse = tl.load(ROWB + rr, mask=mask_m, other=0.0)
-    dfull = tl.load(ROWB + NROW + rr, mask=mask_m, other=0.0)
-    g_kl_attn = tl.load(ROWB + 2 * NROW + rr, mask=mask_m, other=0.0)
-    g_kl_prior = tl.load(ROWB + 3 * NROW + rr, mask=mask_m, other=0.0)
-    g_ent = tl.load(ROWB + 4 * NROW + rr, mask=mask_m, other=0.0)
-    lz = tl.load(ROWB + 5 * NROW + rr, mask=mask_m, other=0.0)
-    if EXT:
-        lmax = tl.load(ROWB + 6 * NROW + rr, mask=mask_m, other=0.0)
-    else:
-        lmax = lz
+    lse, dfull, g_kl_attn, g_ent, lz, lmax = _load_row_stats(ROWB, row0 + offs_m, mask_m, NROW, EXT)
+    g_kl_prior = tl.load(ROWB + 3 * NROW + row0 + offs_m, mask=mask_m, other=0.0)
     sy, sx = _load_sigma(SG, offs_m, ss_l, mask_m)
     cy = 0.5 / (sy * sy)
     cx = 0.5 / (sx * sx)
@@ -560,9 +564,7 @@ def bwd_dq_kernel(Q0, K0, V0, SG0, DO0, DQ0, DS0, M0, Q1, K1, V1, SG1, DO1, DQ1,
         p = tl.where(valid, p, 0.0)
         t = tl.where(valid, t, 0.0)
         gv = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = (p * (gv - dfull[:, None]) + g_kl_attn[:, None] * (p * (lp - lt) + pe * (p - t))
-              - g_ent[:, None] * p * (lp + pe))
-        ds = tl.where(valid, ds, 0.0)
+        ds = _dscore(p, t, lp, lt, pe, gv, dfull[:, None], g_kl_attn[:, None], g_ent[:, None], valid)
         dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
         tw = tl.where(valid, t * (lt - lp) + te * (t - p), 0.0)
         w_sum += tl.sum(tw, axis=1)

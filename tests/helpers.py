@@ -153,12 +153,12 @@ def opcheck_strided(run, B=2, H=2, grid=(3, 5), D=16, dtype=torch.float32, devic
     brs = [[bhld(t) for t in make_branch(B, H, L, D, bk, dtype=dtype, device=device, seed=bk)] for bk in (B, 1)]
     qs, ks, vs, sigmas = ([br[j] for br in brs] for j in range(4))
     fwd_args = (qs, ks, vs, sigmas, *grid, D ** -0.5, 1e-4, [True, False], masks)
-    torch.library.opcheck(run.fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(run.fwd_op, (run.name, *fwd_args), test_utils=("test_schema", "test_faketensor"))
     g = torch.Generator().manual_seed(0)
     rowv = lambda: [torch.randn(B, H, L, generator=g).to(device) for _ in brs]  # noqa: E731
     g_outs = [bhld(torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dtype)) for _ in brs]
     bwd_args = (g_outs, rowv(), rowv(), rowv(), rowv(), qs, ks, vs, sigmas, rowv(), *grid, D ** -0.5, 1e-4, masks)
-    torch.library.opcheck(run.bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(run.bwd_op, (run.name, *bwd_args), test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------- the pipeline tests

@@ -14,10 +14,13 @@ fi
 missing=$($PY - <<'PY'
 import importlib.util as u
 mods = {"numpy": "numpy", "scipy": "scipy", "sklearn": "scikit-learn", "PIL": "pillow", "tqdm": "tqdm",
-        "matplotlib": "matplotlib", "timm": "timm", "pytest": "pytest", "hypothesis": "hypothesis",
+        "matplotlib": "matplotlib", "timm": "timm", "safetensors": "safetensors", "pytest": "pytest",
+        "hypothesis": "hypothesis",
         "pytest_benchmark": "pytest-benchmark", "triton": "triton>=3.6", "ruff": "ruff",
         # fod export and its tests (the 'export' extra): about 40 MB of wheels
-        "onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
+        "onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime",
+        # training curves as TensorBoard event files (the 'tensorboard' extra; fod writes log.csv without it)
+        "tensorboard": "tensorboard"}
 print(" ".join(p for m, p in mods.items() if u.find_spec(m) is None))
 PY
 )

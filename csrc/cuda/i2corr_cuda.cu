@@ -1,7 +1,8 @@
 // Host API of the CUDA I2Correlation kernels (fod_kernels._C_cuda): argument checks, output
 // allocation and the kernel parameters. The layout of the CUDA sources follows FlashAttention's:
-//   params.h     kernel parameters (per-branch pointers and strides)
-//   kernels.cuh  the kernels and their device helpers
+//   params.h     kernel parameters (BranchInputs: what every kernel reads of a branch; the per-kernel params)
+//   common.cuh   device helpers, the task decode and the query-side block info (QueryBlock)
+//   logz.cuh, forward.cuh, backward.cuh   the kernels and their shared-memory layouts
 //   launch.cuh   launch templates, tile shapes per head-dim bucket
 //   platform.cuh what the GPU build and the CPU simulation (sim_cpu.cuh) do differently
 //   bindings.cpp Python bindings
@@ -132,6 +133,30 @@ i2c::Strides strides(const at::Tensor& t) {
   return i2c::Strides{t.size(0) == 1 ? 0 : t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// What every kernel reads of branch i (BranchInputs), for the forward and the backward alike.
+template <typename T, bool EXT>
+void set_inputs(i2c::BranchInputs<T>& b, size_t i, const std::vector<at::Tensor>& qs,
+                const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+                const std::vector<at::Tensor>& sigmas, const std::vector<at::Tensor>& masks,
+                const std::vector<at::Tensor>& logz, const std::vector<at::Tensor>& lmax) {
+  b.q = gmem<const T>(qs[i]);
+  b.k = gmem<const T>(ks[i]);
+  b.v = gmem<const T>(vs[i]);
+  b.sigma = gmem<const float>(sigmas[i]);
+  b.logz = gmem<const float>(logz[i]);
+  b.sq = strides(qs[i]);
+  b.sk = strides(ks[i]);
+  b.sv = strides(vs[i]);
+  b.ss = strides(sigmas[i]);
+  b.Bk = int(ks[i].size(0));
+  b.D = int(qs[i].size(3));
+  b.S = int(ks[i].size(2));
+  if (EXT) {
+    b.lmax = gmem<const float>(lmax[i]);
+    set_mask(masks, i, b.drop, b.drop_bs);
+  }
+}
+
 // logZ (plain) or lmax and logz over the kept keys (EXT) of every query row: see LogzParams.
 template <typename T, bool EXT>
 void launch_logz(const std::vector<at::Tensor>& sigmas, const std::vector<at::Tensor>& ks,
@@ -180,11 +205,7 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
   for (int i = 0; i < n; ++i) {
     P.nbh[i] = int64_t(B) * H;
     auto& b = P.br[i];
-    b.q = gmem<const T>(qs[i]);
-    b.k = gmem<const T>(ks[i]);
-    b.v = gmem<const T>(vs[i]);
-    b.sigma = gmem<const float>(sigmas[i]);
-    b.logz = gmem<const float>(logz[i]);
+    set_inputs<T, EXT>(b, size_t(i), qs, ks, vs, sigmas, masks, logz, lmax);
     b.out = gmem<T>(res[6 * i]);
     b.lse = gmem<float>(res[6 * i + 1]);
     b.need = need[i];
@@ -194,18 +215,7 @@ void forward_impl(const std::vector<at::Tensor>& qs, const std::vector<at::Tenso
       b.r1 = gmem<float>(res[6 * i + 4]);
       b.r2 = gmem<float>(res[6 * i + 5]);
     }
-    b.sq = strides(qs[i]);
-    b.sk = strides(ks[i]);
-    b.sv = strides(vs[i]);
-    b.ss = strides(sigmas[i]);
     b.so = strides(res[6 * i]);
-    b.Bk = int(ks[i].size(0));
-    b.D = int(qs[i].size(3));
-    b.S = int(ks[i].size(2));
-    if (EXT) {
-      b.lmax = gmem<const float>(lmax[i]);
-      set_mask(masks, size_t(i), b.drop, b.drop_bs);
-    }
   }
   i2c::fwd_dispatch<T, EXT>(P, dmax, stream);
 }
@@ -233,37 +243,22 @@ void backward_impl(const std::vector<at::Tensor>& g_outs, const std::vector<at::
   int64_t bks[MAX_BRANCH] = {0, 0};  // key batch of each branch, 0: no such branch
   for (int i = 0; i < n; ++i) {
     auto& b = P.br[i];
-    b.q = gmem<const T>(qs[i]);
-    b.k = gmem<const T>(ks[i]);
-    b.v = gmem<const T>(vs[i]);
-    b.sigma = gmem<const float>(sigmas[i]);
+    set_inputs<T, EXT>(b, size_t(i), qs, ks, vs, sigmas, masks, logz, lmax);
     b.g_out = gmem<const T>(g_outs[i]);
     b.g_kl_attn = gmem<const float>(g_kl_attns[i]);
     b.g_kl_prior = gmem<const float>(g_kl_priors[i]);
     b.g_ent = gmem<const float>(g_ents[i]);
     b.dfull = gmem<const float>(dfulls[i]);
     b.lse = gmem<const float>(lses[i]);
-    b.logz = gmem<const float>(logz[i]);
     b.dq = gmem<T>(res[4 * i]);
     b.dk = gmem<T>(res[4 * i + 1]);
     b.dv = gmem<T>(res[4 * i + 2]);
     b.dsigma = gmem<float>(res[4 * i + 3]);
-    b.sq = strides(qs[i]);
-    b.sk = strides(ks[i]);
-    b.sv = strides(vs[i]);
-    b.ss = strides(sigmas[i]);
     b.sgo = strides(g_outs[i]);
     b.sdq = strides(res[4 * i]);
     b.sdk = strides(res[4 * i + 1]);
     b.sdv = strides(res[4 * i + 2]);
     b.sds = strides(res[4 * i + 3]);
-    b.Bk = int(ks[i].size(0));
-    b.D = int(qs[i].size(3));
-    b.S = int(ks[i].size(2));
-    if (EXT) {
-      b.lmax = gmem<const float>(lmax[i]);
-      set_mask(masks, size_t(i), b.drop, b.drop_bs);
-    }
     bks[i] = ks[i].size(0);
   }
   i2c::bwd_dispatch<T, EXT>(P, bks, dmax, stream);

@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <utility>
 
-#include "cuda/kernels.cuh"
+#include "cuda/backward.cuh"
+#include "cuda/forward.cuh"
+#include "cuda/logz.cuh"
 
 namespace i2c {
 
@@ -40,7 +42,7 @@ void launch_logz(const LogzParams<T>& P, cudaStream_t stream) {
 
 template <typename T, int DMAX, int BM, int BN, bool EXT>
 void launch_fwd(FwdParams<T> P, cudaStream_t stream) {
-  constexpr size_t smem = fwd_smem<DMAX, BM, BN>();
+  constexpr size_t smem = FwdSmem<DMAX, BM, BN>::bytes;
   auto fwd = EXT ? fwd_ext_kernel<T, DMAX, BM, BN> : fwd_kernel<T, DMAX, BM, BN>;
   const unsigned blocks = set_first(P, {P.L, P.L}, BM);
   set_smem(reinterpret_cast<const void*>(fwd), smem);
@@ -50,7 +52,7 @@ void launch_fwd(FwdParams<T> P, cudaStream_t stream) {
 
 template <typename T, int DMAX, int BM, int BN, bool EXT>
 void launch_dq(BwdParams<T> P, const int64_t (&bks)[MAX_BRANCH], cudaStream_t stream) {
-  constexpr size_t smem = dq_smem<DMAX, BM, BN>();
+  constexpr size_t smem = DqSmem<DMAX, BM, BN>::bytes;
   auto dq = dq_kernel<T, DMAX, BM, BN, EXT>;
   for (int i = 0; i < MAX_BRANCH; ++i) P.nbh[i] = bks[i] > 0 ? int64_t(P.B) * P.H : 0;  // one per (b, h)
   const unsigned blocks = set_first(P, {P.L, P.L}, BM);
@@ -61,7 +63,7 @@ void launch_dq(BwdParams<T> P, const int64_t (&bks)[MAX_BRANCH], cudaStream_t st
 
 template <typename T, int DMAX, int BM, int BN, bool EXT>
 void launch_dkdv(BwdParams<T> P, const int64_t (&bks)[MAX_BRANCH], cudaStream_t stream) {
-  constexpr size_t smem = dkdv_smem<DMAX, BM, BN>();
+  constexpr size_t smem = DkdvSmem<DMAX, BM, BN>::bytes;
   auto dkdv = dkdv_kernel<T, DMAX, BM, BN, EXT>;
   for (int i = 0; i < MAX_BRANCH; ++i) P.nbh[i] = bks[i] * P.H;  // one per (bk, h)
   // A batch-shared branch's blocks loop over the batch: schedule them first, so that the long

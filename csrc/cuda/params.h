@@ -1,6 +1,7 @@
 // Kernel parameters of the CUDA I2Correlation kernels: per branch pointers and strides, shared
 // shapes. Pointers are i2c::gptr (platform.cuh): plain device pointers on the GPU, bounds-checked
-// pointers in the CPU simulation. Filled by the host API (i2corr_cuda.cu), read by kernels.cuh.
+// pointers in the CPU simulation. Filled by the host API (i2corr_cuda.cu), read by the kernels
+// (common.cuh, logz.cuh, forward.cuh, backward.cuh).
 #pragma once
 
 #include <cstdint>
@@ -18,19 +19,25 @@ struct Strides {
   int64_t b = 0, h = 0, l = 0;
 };
 
-// Inputs, outputs and strides of one branch of the forward. Row vectors (logz, lse and the
-// statistics) are the host API's own contiguous (B, H, L) float32 tensors.
+// What every kernel reads of one branch (FlashAttention's Qkv_params): the inputs, their strides, the prior's
+// normaliser rows and the key_padding_mask. Filled once per branch by the host API's set_inputs().
+// Row vectors (logz, lmax, lse and the statistics) are the host API's own contiguous (B, H, L) float32 tensors.
 // sigma and dsigma are float32 whatever T is (the prior is computed in float32; bf16 widths underflow).
-template <typename T> struct FwdBranch {
+template <typename T> struct BranchInputs {
   gptr<const T> q, k, v;
   gptr<const float> sigma;
   gptr<const float> logz, lmax;  // lmax: extended launches only (see LogzParams)
-  gptr<T> out;
-  gptr<float> lse, kl, ent, r1, r2;
   gptr<const bool> drop;  // key_padding_mask (1 or B, S), True = ignore; null: none (extended launches only)
-  Strides sq, sk, sv, ss, so;
+  Strides sq, sk, sv, ss;
   int64_t drop_bs;  // batch stride of drop: 0 for a (1, S) mask
   int Bk, D, S;     // S: keys, n_img * L (= L in the plain launches)
+};
+
+// One branch of the forward: its outputs.
+template <typename T> struct FwdBranch : BranchInputs<T> {
+  gptr<T> out;
+  gptr<float> lse, kl, ent, r1, r2;
+  Strides so;
   bool need;
 };
 
@@ -44,15 +51,12 @@ template <typename T> struct FwdParams {
 
 // One branch of the backward: the upstream gradients g_out (B,H,L,D) and, per row, g_kl_attn,
 // g_kl_prior, g_ent; dfull = <g_out, out> + g_kl_attn * r1 + g_ent * r2 (spec section 3).
-template <typename T> struct BwdBranch {
-  gptr<const T> q, k, v, g_out;
-  gptr<const float> sigma, g_kl_attn, g_kl_prior, g_ent, dfull, lse, logz, lmax;
+template <typename T> struct BwdBranch : BranchInputs<T> {
+  gptr<const T> g_out;
+  gptr<const float> g_kl_attn, g_kl_prior, g_ent, dfull, lse;
   gptr<T> dq, dk, dv;
   gptr<float> dsigma;
-  gptr<const bool> drop;
-  Strides sq, sk, sv, ss, sgo, sdq, sdk, sdv, sds;
-  int64_t drop_bs;
-  int Bk, D, S;
+  Strides sgo, sdq, sdk, sdv, sds;
 };
 
 template <typename T> struct BwdParams {

@@ -25,16 +25,16 @@ def fod_loss(out, x, intra, inter, lambda1: float = 0.5, lambda2: float = 0.5):
     """
     rec = reconstruction_loss(out, x)
     nan = torch.tensor(float("nan"))
-    parts = {"rec": rec.detach(), "k_intra": nan, "k_inter": nan}
+    parts = {"rec": rec.detach(), "k_intra": nan, "k_inter": nan, "e_intra": nan, "e_inter": nan}
     if intra is None and inter is None:
         return rec, parts
     loss = 2 * rec
     if intra is not None:
         ki_a, ki_p, ei = (_mean_stat(intra, f) for f in ("kl_attn", "kl_prior", "entropy"))
         loss = loss + lambda1 * ki_p - lambda1 * ki_a - lambda2 * ei
-        parts["k_intra"] = ki_a.detach()
+        parts["k_intra"], parts["e_intra"] = ki_a.detach(), ei.detach()
     if inter is not None:
         ke_a, ke_p, ee = (_mean_stat(inter, f) for f in ("kl_attn", "kl_prior", "entropy"))
         loss = loss - lambda1 * ke_p + lambda1 * ke_a + lambda2 * ee
-        parts["k_inter"] = ke_a.detach()
+        parts["k_inter"], parts["e_inter"] = ke_a.detach(), ee.detach()
     return loss, parts

@@ -17,6 +17,7 @@ from PIL import Image
 
 import helpers
 
+from fod import checkpoint as C
 from fod import Detector
 from fod import calibrate as CAL
 from fod.cli import main
@@ -146,7 +147,7 @@ def run(data, trained):
 
 
 def test_held_out_images_calibrate_and_neither_train_nor_build_the_memory(data, run):
-    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    ck = C.load_raw(run / "checkpoint.pt")
     cal = ck["calibration"]
     fit, held = CAL.split_indices(10, 0.3, seed=0)
     names = sorted(p.name for p in (data / "train" / "good").iterdir())
@@ -205,7 +206,7 @@ def test_uncalibrated_model_reports_raw_scores_only(data, tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.warns(UserWarning):
         assert main(["train", "--data", str(data), "--output", str(run), *TINY, "--val-fraction", "0"]) == 0
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["calibration"] is None
+    assert C.load_raw(run / "checkpoint.pt")["calibration"] is None
     assert json.loads((run / "metrics.json").read_text())["thresholds"] is None
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run / "checkpoint.pt"), str(data / "test/good/000.png"),

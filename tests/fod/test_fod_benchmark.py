@@ -184,13 +184,13 @@ def test_resume_after_kill(root, tmp_path, capsys):
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert not (out / "b" / "metrics.json").exists()  # killed while training
-    killed_at = torch.load(out / "b" / "checkpoint.pt", weights_only=False)["epoch"]
+    killed_at = C.load_raw(out / "b" / "checkpoint.pt")["epoch"]
     capsys.readouterr()
     assert main(cmd[3:]) == 0  # the same command again, in this process
     err = capsys.readouterr().err
     assert "b: resuming from its checkpoint" in err
     assert f"resuming {out / 'b' / 'checkpoint.pt'} after epoch {killed_at}" in err
-    ck = torch.load(out / "b" / "checkpoint.pt", weights_only=False)
+    ck = C.load_raw(out / "b" / "checkpoint.pt")
     assert ck["epoch"] == epochs and [h["epoch"] for h in ck["history"]] == list(range(1, epochs + 1))
     rows = json.loads((out / "results.json").read_text())
     assert [(x["category"], x["status"]) for x in rows] == [("b", "ok"), ("mean", "ok")]
@@ -323,7 +323,7 @@ def test_branch_ablation_training(root, tmp_path, flags, score, absent, names):
     m = json.loads((out / "metrics.json").read_text())
     assert score in m["score"]
     assert m["config"]["with_intra"] == ("--no-intra" not in flags)
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = C.load_raw(out / "checkpoint.pt")
     assert not any(a in k for k in ck["models"] for a in absent)
     assert math.isnan(m["history"][0]["k_intra"]) == ("--no-intra" in flags)
     assert math.isnan(m["history"][0]["k_inter"]) == ("--no-inter" in flags)

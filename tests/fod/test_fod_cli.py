@@ -7,6 +7,7 @@ import torch
 
 import helpers
 
+from fod import checkpoint as C
 from fod.cli import build_parser, main
 
 TINY = helpers.TINY
@@ -68,8 +69,8 @@ def test_resume_continues_to_the_same_result(data, tmp_path):
     assert _train(data, resumed, "--epochs", "1") == 0
     # resuming rebuilds the backbone from the checkpoint (no second random-init warning)
     assert main(["train", "--data", str(data), "--output", str(resumed), *TINY, "--epochs", "2", "--resume"]) == 0
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    a = C.load_raw(straight / "checkpoint.pt")
+    b = C.load_raw(resumed / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 2
     for k in a["models"]:
         torch.testing.assert_close(a["models"][k], b["models"][k], rtol=0, atol=0, msg=k)
@@ -88,7 +89,7 @@ def test_compat_official_is_flagged(data, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["protocol"].startswith("COMPAT-OFFICIAL") and "TEST set" in m["warning"]
     assert m["image_auroc_epoch"] == 1 and "final_epoch" in m and len(m["per_epoch"]) == 1
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = C.load_raw(out / "checkpoint.pt")
     assert not any("intra_out" in k for k in ck["models"])  # the output projection is discarded
 
 
@@ -192,7 +193,7 @@ def test_interrupt_is_not_a_traceback(data, tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(fod.train, "train", interrupted)
     assert main(["train", "--data", str(data), "--output", str(tmp_path / "o"), *TINY]) == 130
-    assert capsys.readouterr().err.strip() == "fod train: interrupted"
+    assert capsys.readouterr().err.strip() == "fod train: interrupted (SIGINT)"
 
 
 def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):

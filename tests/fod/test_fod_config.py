@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import helpers
 
+from fod import checkpoint as C
 from fod import config as CF
 from fod.cli import build_parser, main, resolve_config
 from fod.synthetic import make_dataset
@@ -97,6 +98,6 @@ def test_run_folder_config_reproduces_the_run(tmp_path):
     assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
     for k in ("image_auroc", "pixel_auroc", "aupro"):
         assert ma[k] == mb[k]
-    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (a, b))
+    ca, cb = (C.load_raw(d / "checkpoint.pt") for d in (a, b))
     for k in ca["models"]:
         assert torch.equal(ca["models"][k], cb["models"][k]), k

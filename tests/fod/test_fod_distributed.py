@@ -20,6 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fod import checkpoint as C
 from fod import distributed as D
 from fod.cli import main
 from fod.synthetic import make_dataset
@@ -110,7 +111,7 @@ def _assert_same_run(a: dict, b: dict):
 
 
 def _weights(run) -> dict:
-    return torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)["models"]
+    return C.load_raw(Path(run) / "checkpoint.pt")["models"]
 
 
 def _assert_same_weights(a: dict, b: dict, atol=1e-5):
@@ -195,14 +196,15 @@ def test_two_processes_equal_one_with_the_global_batch(runs):
     _assert_same_run(a, b)
     assert (a["world_size"], a["global_batch_size"]) == (1, 4)
     assert (b["world_size"], b["global_batch_size"]) == (2, 4) and b["config"]["batch_size"] == 2
-    ck = torch.load(two / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = C.load_raw(two / "checkpoint.pt")
     assert (ck["world_size"], ck["global_batch_size"]) == (2, 4)
-    ref = torch.load(one / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ref = C.load_raw(one / "checkpoint.pt")
     for m1, m2 in zip(ref["memory"], ck["memory"]):  # the reference memory over both processes' shards
         torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)
     _assert_same_weights(ref["models"], ck["models"])
     # rank 0 alone wrote the outputs and logged: one set of epoch lines
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoint.pt", "config.toml", "metrics.json", "summary.png"]
+    assert sorted(p.name for p in two.iterdir() if p.name != ".fod-manifest.json") == [
+        "checkpoint.pt", "config.toml", "log.csv", "metrics.json", "summary.png", "tensorboard"]
     assert proc.stderr.count("epoch 2/2: loss") == 1
 
 
@@ -234,7 +236,7 @@ def test_killed_process_ends_the_run_and_resume_on_one_process(runs, data, fault
     assert any("[rank 0 of 2]" in e and "lost another process of the run" in e for e in errors) or any(
         "stopped by torchrun" in e for e in errors), proc.stderr[-3000:]
     assert any("keeps the last good model (epoch 1; --resume continues from it)" in e for e in errors), errors
-    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    assert C.load_raw(out / "checkpoint.pt")["epoch"] == 1
     # a different global batch is refused, naming the one to use
     assert _fod("train", "--data", data, "--output", out, *TINY, "--batch-size", 2, "--resume") == 2
     err = capsys.readouterr().err

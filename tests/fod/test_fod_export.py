@@ -17,6 +17,7 @@ from scipy import ndimage
 
 import helpers
 
+from fod import checkpoint as C
 from fod import export as E
 from fod import metrics as M
 from fod.cli import main
@@ -189,7 +190,7 @@ def test_sidecar_and_command_errors(run, data, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--format", "torchscript",
                  "--output", str(path)]) == 0
     side = json.loads((tmp_path / "m.pt.json").read_text())
-    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    ck = C.load_raw(run / "checkpoint.pt")
     for k in ("image_size", "resize", "interpolation", "mean", "std", "image_threshold", "pixel_threshold",
               "fod_version", "backbone", "score", "image_score", "normalization", "checkpoint_sha256"):
         assert k in side, k

@@ -1,5 +1,6 @@
 """--weights FILE: strict loading of the tensors the backbone uses, the key layouts users have, clear errors."""
 import argparse
+import re
 import warnings
 
 import pytest
@@ -7,6 +8,7 @@ import timm
 import torch
 
 from fod.backbone import Backbone, WeightsError
+from fod.upgrade import upgrade
 
 LEVELS = ["layer1", "layer2"]
 
@@ -56,13 +58,16 @@ def test_layouts_users_have(tmp_path, r18, layout):
         save_file({k: v.contiguous() for k, v in r18.items()}, str(path))
     else:  # only what layer1 + layer2 need
         torch.save({k: v for k, v in r18.items() if not k.startswith(("layer3", "layer4", "fc"))}, path)
+    if layout == "training checkpoint":  # never unpickled in full: refused, naming the conversion; converted, read
+        new = tmp_path / "w.safetensors"
+        with pytest.raises(WeightsError, match=re.escape(f"fod checkpoint upgrade {path} {new} --trust")):
+            _bb(path)
+        path = upgrade(path, new, trust=True)
     bb = _bb(path)
     _same(bb, r18)
     assert bb.weights_source == f"local file {path}"
     if layout == "plain":
         assert "not needed by the chosen levels (fc, layer3, layer4)" in bb.weights_note
-    if layout == "training checkpoint":
-        assert "unpickled in full" in bb.weights_note
 
 
 def test_flattened_module_names_of_features_only_models(tmp_path):

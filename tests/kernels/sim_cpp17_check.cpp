@@ -1,11 +1,13 @@
 // Built by tests/kernels/test_cuda.py::test_sim_core_is_cpp17_and_catches_out_of_bounds as C++17
-// without torch: the CUDA simulation (csrc/cuda/sim_cpu.cuh) and the real kernels (kernels.cuh,
+// without torch: the CUDA simulation (csrc/cuda/sim_cpu.cuh) and the real kernels (csrc/cuda/*.cuh,
 // instantiated for float) must compile as C++17 (torch 2.11 builds extensions as C++17), the
 // simulated barriers and shuffles must work, and the bounds-checked global memory must catch a
 // kernel that reads one row past the end of its input. Prints one line per check.
 #define I2C_SIM_CPU 1
 #define I2C_SIM_NO_TORCH 1
-#include "cuda/kernels.cuh"
+#include "cuda/backward.cuh"
+#include "cuda/forward.cuh"
+#include "cuda/logz.cuh"
 
 #include <cstdio>
 #include <stdexcept>

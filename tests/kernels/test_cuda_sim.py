@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fod_kernels import backend_cuda
-from fod_kernels._custom_op import make_kernel_op
+from fod_kernels._custom_op import register_backend
 from helpers import assert_fa_rule, make_branch, opcheck_strided, upstream, values_and_grads
 from fod_kernels.reference import correlation_reference
 from test_mask_memory_kernels import masked_case
@@ -48,7 +48,7 @@ def _sim_op(mod, name="cuda_sim"):
         return mod.backward(g_outs, g_kl_attns, g_kl_priors, g_ents, dfulls, qs, ks, vs, sigmas, lses, rows, cols,
                             scale, eps)
 
-    return make_kernel_op(name, fwd, bwd)
+    return register_backend(name, fwd, bwd)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,17 @@ def test_sim_low_precision_inputs_read_float32_sigma(sim_run, dtype):
     assert ds.dtype == torch.float32 and torch.isfinite(ds).all() and ds.abs().max() > 0
 
 
+@pytest.mark.parametrize("needs", ["s", "v", "q", "qkvs"])
+def test_sim_requires_grad_follows_the_formulas(sim_run, needs):
+    """As every backend (test_meta_and_grad_rule.py): out needs q, k or v; kl_attn and entropy q or k; kl_prior
+    sigma. Before, the wrapper marked every result as requiring grad (with a zero gradient) when any input did."""
+    from test_meta_and_grad_rule import _rule
+    flags = [c in needs for c in "qkvs"]
+    br = [t.detach().requires_grad_(n) for t, n in zip(make_branch(1, 2, 12, 8, 1), flags)]
+    res = sim_run([br], 3, 4, 8 ** -0.5, 1e-4, [True])[0]
+    assert tuple(t.requires_grad for t in res) == _rule(*flags)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("eps", [1e-4, 0.0])
 def test_sim_sigma_below_minimum(sim_run, eps):
@@ -235,7 +246,7 @@ def sim_backend(sim_mod):
     saved = backend_cuda._ext_mod
     backend_cuda._ext_mod = Recording
     try:
-        yield make_kernel_op("cuda_sim_backend", backend_cuda.fwd, backend_cuda.bwd), seen
+        yield register_backend("cuda_sim_backend", backend_cuda.fwd, backend_cuda.bwd), seen
     finally:
         backend_cuda._ext_mod = saved
 

@@ -26,7 +26,9 @@ class Mutant(NamedTuple):
 MATH = "csrc/i2corr_math.h"
 CPU = "csrc/cpu/i2corr_cpu.cpp"
 GEMM = "csrc/cpu/gemm.h"
-CUDA = "csrc/cuda/kernels.cuh"  # the kernels (i2corr_cuda.cu holds the host side since the split)
+# the CUDA kernels (i2corr_cuda.cu holds the host side): device helpers, logz, forward and backward kernels
+CUDA_COMMON, CUDA_LOGZ = "csrc/cuda/common.cuh", "csrc/cuda/logz.cuh"
+CUDA_FWD, CUDA_BWD = "csrc/cuda/forward.cuh", "csrc/cuda/backward.cuh"
 # The header is compiled into the CPU extension and, identically (host path), into the CUDA simulation; its
 # mutants run the CPU tests (and the ulp tests), not the simulation's long compile: a header mutant that the CPU
 # tests miss reaches the simulation's kernels through the same functions.
@@ -95,27 +97,28 @@ MUTANTS = [
            "for (int dd = 0; dd < NJ; ++dd) acc[r][dd] = 0;", "cpu", CPUG,
            "dk/dv GEMM overwrites instead of accumulating over query blocks"),
     # ------------------------------------------------------------------ csrc/cuda (run in the CPU simulation)
-    Mutant("cuda-grid-axes", CUDA, "  r.qr = float(i / cols);\n  r.qc = float(i % cols);",
+    Mutant("cuda-grid-axes", CUDA_COMMON, "  r.qr = float(i / cols);\n  r.qc = float(i % cols);",
            "  r.qr = float(i % cols);\n  r.qc = float(i / cols);", "none", ("sim",),
            "prior: swapped grid axes of the query row (the issue's example)"),
-    Mutant("cuda-skip-batch", CUDA, "b_hi = Bp.Bk == 1 ? B : task.b + 1;", "b_hi = Bp.Bk == 1 ? B - 1 : task.b + 1;",
+    Mutant("cuda-skip-batch", CUDA_BWD, "b_hi = Bp.Bk == 1 ? B : task.b + 1;",
+           "b_hi = Bp.Bk == 1 ? B - 1 : task.b + 1;",
            "none", ("sim",), "dkdv: the shared memory's batch loop skips the last element (the issue's example)"),
-    Mutant("cuda-partial-block", CUDA, "s[a][b] = (j0 + tx + 16 * b < L) ? scale * s[a][b] : -INFINITY;",
+    Mutant("cuda-partial-block", CUDA_FWD, "s[a][b] = (j0 + tx + 16 * b < L) ? scale * s[a][b] : -INFINITY;",
            "s[a][b] = (j0 + tx + 16 * b <= L) ? scale * s[a][b] : -INFINITY;", "none", ("sim",),
            "forward pass 1: off-by-one mask in the partial key block (a zero-padded key joins the softmax)"),
-    Mutant("cuda-logz-axes", CUDA, "i2c::axis_log_norm<float>(float(i / P.cols), cy, P.rows)",
+    Mutant("cuda-logz-axes", CUDA_LOGZ, "i2c::axis_log_norm<float>(float(i / P.cols), cy, P.rows)",
            "i2c::axis_log_norm<float>(float(i % P.cols), cy, P.rows)", "none", ("sim",),
            "logZ: the row normaliser evaluated at the column"),
-    Mutant("cuda-alpha", CUDA, "const float alpha = expf(m[a] - mnew);", "const float alpha = expf(mnew - m[a]);",
+    Mutant("cuda-alpha", CUDA_FWD, "const float alpha = expf(m[a] - mnew);", "const float alpha = expf(mnew - m[a]);",
            "none", ("sim",), "online softmax rescaling factor inverted"),
-    Mutant("cuda-hsum8", CUDA, "  for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);",
+    Mutant("cuda-hsum8", CUDA_COMMON, "  for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);",
            "  for (int o = 4; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);", "none", ("sim",),
            "half-warp sum reduces over 8 lanes only"),
-    Mutant("cuda-dk-scale", CUDA, "dkrow[tx + 16 * c] = T(scale * dk[a][c]);", "dkrow[tx + 16 * c] = T(dk[a][c]);",
+    Mutant("cuda-dk-scale", CUDA_BWD, "dkrow[tx + 16 * c] = T(scale * dk[a][c]);", "dkrow[tx + 16 * c] = T(dk[a][c]);",
            "none", ("sim",), "dkdv: scale dropped from dk"),
-    Mutant("cuda-sty-axis", CUDA, "sty[a] += e.t * dy2;", "sty[a] += e.t * dx2;", "none", ("sim",),
+    Mutant("cuda-sty-axis", CUDA_BWD, "sty[a] += e.t * dy2;", "sty[a] += e.t * dx2;", "none", ("sim",),
            "dq kernel: sum t dy^2 accumulates dx^2"),
-    Mutant("cuda-v-tile", CUDA,
+    Mutant("cuda-v-tile", CUDA_FWD,
            "    load_tile<T, DMAX, BN>(KVs, v, Bp.sv.l, j0, L, D);\n    __syncthreads();\n#pragma unroll 4",
            "    load_tile<T, DMAX, BN>(KVs, k, Bp.sk.l, j0, L, D);\n    __syncthreads();\n#pragma unroll 4", "none",
            ("sim",),
