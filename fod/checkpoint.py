@@ -16,6 +16,8 @@ that converts a trusted one (``fod checkpoint upgrade OLD NEW --trust``, fod.upg
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 import warnings
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 
 from . import safeformat
 from .backbone import Backbone
-from .config import Config, from_dict, to_dict
+from .config import Config, check_config, from_dict, to_dict
 from .files import atomic_write
 from .model import FOD
 
@@ -134,6 +136,53 @@ def check_format(raw: bytes, path) -> tuple[str, str]:
     return head
 
 
+def _tensor_dict(d) -> bool:
+    return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def _numbers(x, n: int) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+
+
+def _malformed(ck: dict) -> Optional[str]:
+    """What in a checkpoint's parsed data has the wrong kind (a file with a valid checksum written by other
+    code), or None. Shapes against the model are checked when it is rebuilt (restore())."""
+    bb, pre = ck["backbone"], ck["preprocess"]
+    checks = (
+        ("config", isinstance(ck["config"], dict)),
+        ("epoch", isinstance(ck["epoch"], int) and not isinstance(ck["epoch"], bool) and ck["epoch"] >= 0),
+        ("grids", isinstance(ck["grids"], (list, tuple)) and len(ck["grids"]) > 0 and all(
+            _numbers(g, 2) and all(isinstance(v, int) and v > 0 for v in g) for g in ck["grids"])),
+        ("models", _tensor_dict(ck["models"])),
+        ("memory", isinstance(ck["memory"], (list, tuple)) and all(
+            isinstance(m, torch.Tensor) and m.is_floating_point() and m.dim() == 2 for m in ck["memory"])),
+        ("backbone", isinstance(bb, dict) and isinstance(bb.get("name"), str) and _tensor_dict(bb.get("state_dict"))
+         and isinstance(bb.get("levels"), list) and all(isinstance(v, str) for v in bb["levels"])),
+        ("preprocess", isinstance(pre, dict) and _numbers(pre.get("mean"), 3) and _numbers(pre.get("std"), 3)
+         and all(v > 0 for v in pre["std"])),
+        ("history", isinstance(ck["history"], list) and all(isinstance(h, dict) for h in ck["history"])),
+        ("calibration", ck.get("calibration") is None or isinstance(ck["calibration"], dict)),
+    )
+    bad = [name for name, ok in checks if not ok]
+    return f"its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not what fod writes" if bad else None
+
+
+def restore(fod: FOD, ck: dict, path="checkpoint"):
+    """Load a checkpoint's level models and reference memories into ``fod`` (built from the checkpoint's
+    configuration and backbone); a CheckpointError naming the file for anything that does not fit."""
+    expect = [(g[0] * g[1], c) for g, c in zip(fod.grids, fod.backbone.channels)]
+    got = [tuple(m.shape) for m in ck["memory"]]
+    if got != expect:
+        raise CheckpointError(f"checkpoint {path} is damaged: its reference memory has shapes {got}, its model "
+                              f"needs {expect}")
+    try:
+        fod.models.load_state_dict(ck["models"])
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt ({_first_line(exc)})") from None
+    fod.memories = [m.float() for m in ck["memory"]]
+
+
 def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
     """The checkpoint's dict, after checking that it is a complete, undamaged FOD checkpoint with finite
     weights. Every problem is a CheckpointError (or FileNotFoundError) naming the file. The file is read once
@@ -158,23 +207,29 @@ def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]]
     missing = [k for k in REQUIRED + (REQUIRED_FOR_RESUME if resume else ()) if k not in ck]
     if missing:
         raise CheckpointError(f"checkpoint {path} is damaged: it lacks {', '.join(missing)}")
-    try:
-        tensors = dict(ck["models"])
-        tensors.update({f"memory[{i}]": m for i, m in enumerate(ck["memory"])})
-        tensors.update({f"backbone.{k}": v for k, v in ck["backbone"]["state_dict"].items()})
-        bad = nonfinite(tensors)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged ({_first_line(exc)})") from None
+    wrong = _malformed(ck)
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is damaged: {wrong}")
+    tensors = dict(ck["models"])
+    tensors.update({f"memory[{i}]": m for i, m in enumerate(ck["memory"])})
+    tensors.update({f"backbone.{k}": v for k, v in ck["backbone"]["state_dict"].items()})
+    bad = nonfinite(tensors)
     if bad:
         raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights: {', '.join(bad[:5])}")
     return ck
 
 
 def config_of(ck: dict, path="checkpoint") -> Config:
+    """The checkpoint's configuration, its types and values checked (paths it names need not exist here)."""
     # checkpoints written before the embedding bias became an option had embeddings without one; those written
     # before calibration trained on every training image
     d = {"embed_bias": False, "val_fraction": 0.0, **ck["config"]}
-    return from_dict(d, where=str(path))
+    try:
+        cfg = from_dict(d, where="its configuration")
+        check_config(dataclasses.replace(cfg, weights=None, val=None))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
+    return cfg
 
 
 def backbone_from_checkpoint(ck: dict, path="checkpoint") -> Backbone:
@@ -201,10 +256,10 @@ def load(path, device: str = "cpu", backend: Optional[str] = None, *, log=None) 
         cfg.backend = backend
     bb = backbone_from_checkpoint(ck, path)
     try:
-        fod = FOD(cfg, bb, ck["grids"], [m for m in ck["memory"]])
-        fod.models.load_state_dict(ck["models"])
+        fod = FOD(cfg, bb, ck["grids"])
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt ({_first_line(exc)})") from None
+    restore(fod, ck, path)
     fod.checkpoint = ck
     return fod.to_device(device)
 

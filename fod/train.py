@@ -246,6 +246,8 @@ def _build(cfg: Config, folder: OutputFolder, ck: Optional[dict], runner: Runner
                              + ("" if cfg.d_model else f" (the default for its {g[0]}x{g[1]} grid)")
                              + "; choose --heads dividing it, or --d-model")
     fod = FOD(cfg, backbone, grids)
+    if ck:
+        checkpoint.restore(fod, ck, ck_path)  # before any long work: models and memory must fit the rebuilt model
     backend = resolve_backend(cfg.backend, torch.device(device))
     fod.to(device)
     fod.set_backend(backend)
@@ -287,8 +289,7 @@ class _Fit:
         mine = runner.shard(run.fit_ds)  # several processes: each extracts the features of its shard
         cached = extract_features(fod, mine, cfg, device, "features") if cfg.cache_features else None
         if ck:
-            fod.memories = [m.to(device) for m in ck["memory"]]
-            fod.models.load_state_dict(ck["models"])
+            fod.memories = [m.to(device) for m in fod.memories]
         else:
             fod.memories = [m.to(device) for m in reference_memory(fod, mine, cfg, device, cached,
                                                                    reduce=runner.reduce_sums)]

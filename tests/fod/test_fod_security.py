@@ -110,6 +110,61 @@ def test_crafted_pickles_run_nothing_at_any_entry_point(root, run, tmp_path, cap
     assert not marker.exists() and not (tmp_path / "new.pt").exists()
 
 
+def _edit(ck, what):
+    """One edit of a checkpoint's parsed data that a file with a valid checksum, written by other code, can carry."""
+    level = next(iter(ck["models"]))
+    edits = {
+        "config not a table": lambda: ck.update(config=[1, 2]),
+        "config value out of range": lambda: ck["config"].update(image_size=-5),
+        "config value of another type": lambda: ck["config"].update(n_heads="2"),
+        "memory not tensors": lambda: ck.update(memory="x"),
+        "memory of another shape": lambda: ck["memory"].__setitem__(0, torch.zeros(3, 3)),
+        "memory missing a level": lambda: ck["memory"].pop(),
+        "model tensor of another shape": lambda: ck["models"].__setitem__(level, torch.zeros(1)),
+        "grids not pairs": lambda: ck.update(grids=[[8], [4]]),
+        "backbone without weights": lambda: ck["backbone"].update(state_dict=None),
+        "preprocess std zero": lambda: ck["preprocess"].update(std=[0.0, 1.0, 1.0]),
+        "history not records": lambda: ck.update(history=[1, 2]),
+        "epoch negative": lambda: ck.update(epoch=-1),
+    }
+    edits[what]()
+    return ck
+
+
+EDITS = ("config not a table", "config value out of range", "config value of another type", "memory not tensors",
+         "memory of another shape", "memory missing a level", "model tensor of another shape", "grids not pairs",
+         "backbone without weights", "preprocess std zero", "history not records", "epoch negative")
+
+
+@pytest.mark.parametrize("what", EDITS)
+def test_a_checkpoint_with_a_valid_checksum_but_foreign_content_is_one_line_at_every_entry_point(
+        root, run, tmp_path, capsys, what):
+    """Parsed as data, a file of the current format can still hold what fod never writes: each entry point
+    refuses it with one line naming the file before any long work (no traceback, no results written)."""
+    ck = C.load_raw(run / "checkpoint.pt", resume=True)
+    ck = _edit({k: v for k, v in ck.items() if k not in ("format", "sha256")}, what)
+    bad = tmp_path / "checkpoint.pt"
+    C.write(ck, bad)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.copy(bad, resumed / "checkpoint.pt")
+    image = root / "cat" / "test" / "good" / "000.png"
+    calls = {
+        "test": ["test", "--data", root / "cat", "--checkpoint", bad, "--output", tmp_path / "t"],
+        "predict": ["predict", "--checkpoint", bad, image, "--output", tmp_path / "p"],
+        "export": ["export", "--checkpoint", bad, "--format", "torchscript", "--output", tmp_path / "m.pt"],
+        "train": ["train", "--data", root / "cat", "--output", resumed, *TINY, "--epochs", "2", "--resume"],
+    }
+    for name, argv in calls.items():
+        assert _main(*argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith(f"fod {name}: error: ") and str(bad.name) in err[-1], (name, err)
+        assert "Traceback" not in "\n".join(err)
+    assert not any((tmp_path / n).exists() for n in ("t", "p", "m.pt"))
+    with pytest.raises(C.CheckpointError, match="checkpoint.pt"):
+        Detector.load(bad)
+
+
 def _as_v2(run, path):
     ck = C.load_raw(run / "checkpoint.pt")
     ck["format"] = "fod-checkpoint-v2"
