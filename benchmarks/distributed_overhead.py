@@ -49,6 +49,7 @@ def worker(args):
     from fod.backbone import build_backbone
     from fod.config import DEMO_DEFAULTS, Config
     from fod.model import FOD, resolve_backend
+    from fod.runner import runner_for
     from fod.train import train_epoch
 
     warnings.simplefilter("ignore")
@@ -63,14 +64,15 @@ def worker(args):
     g = torch.Generator().manual_seed(0)
     cached = [torch.randn(args.images, h * w, c, generator=g) for (h, w), c in zip(grids, backbone.channels)]
     fod.memories = [f.mean(0) for f in cached]
-    ddp = D.wrap(fod.models, "cpu", find_unused=False) if ctx.distributed else None
+    runner = runner_for(ctx)
+    runner.wrap(fod.models, "cpu", find_unused=False)
     opt = torch.optim.Adam(fod.models.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
     steps = math.ceil(args.images / (args.batch_size * ctx.world_size))
     per_step = []
     for epoch in range(1 + args.epochs):
         t0 = time.perf_counter()
-        train_epoch(fod, opt, cfg, gen, args.images, cached=cached, ddp=ddp, epoch=epoch + 1)
+        train_epoch(fod, opt, cfg, gen, args.images, cached=cached, runner=runner, epoch=epoch + 1)
         if epoch:  # the first epoch warms up (allocations, gloo buffers)
             per_step.append((time.perf_counter() - t0) / steps)
     comm = communication(fod, ctx) if ctx.distributed else None

@@ -191,7 +191,7 @@ if [ $BUILT -eq 0 ] && [ $HAVE_GPU -eq 1 ]; then  # loud, and the rest still run
 fi
 phase smoke "$(limit_for smoke)" -- bash -c smoke
 # GPU tests: one run per file, no -x. test_triton.py runs its interpreter-sized cases on the GPU.
-phase test_cuda "$(limit_for test_cuda)" -- "$PY" -m pytest tests/kernels/test_cuda.py tests/kernels/test_mask_memory_kernels.py -m gpu $TESTS
+phase test_cuda "$(limit_for test_cuda)" -- "$PY" -m pytest tests/kernels/test_cuda_gpu.py tests/kernels/test_mask_memory_kernels.py -m gpu $TESTS
 phase test_gpu_triton "$(limit_for test_gpu_triton)" -- "$PY" -m pytest tests/kernels/test_gpu_triton.py $TESTS
 phase test_triton "$(limit_for test_triton)" -- "$PY" -m pytest tests/kernels/test_triton.py -k "not no_register_spills" $TESTS
 # Operator benchmarks: FOD's two levels, B 1/8/32, float32 + bfloat16, all modes, every provider.

@@ -1,14 +1,23 @@
 """FOD ("Focus the Discrepancy", ICCV 2023): the train / evaluate / predict pipeline on fod_kernels.I2Correlation.
 
-Modules: config (every parameter, its default and help; TOML run files), data (MVTec AD, BTAD,
-MVTec 3D-AD layouts), synthetic (the embedded demo data), backbone (frozen timm features), model
-(one reconstruction transformer per level, the loss, the scores, the FOD bundle, the reference
-memory), checkpoint (format, save, load), train (the training loop), evaluate (test-set metrics,
-predictions), metrics (AUROC, AUPRO), report (metrics.json, heat maps, summary page), viz, files
-(atomic writes, output folders), calibrate (decision thresholds), api (``fod.Detector``: fit, load,
-predict), export (ONNX / TorchScript), cli.
+Layers, top down (no module imports one above it; docs/pipeline.md, "Code layout"):
+
+- the command line: cli (parsing, options generated from config), commands (fod test, predict, demo),
+  benchmark (fod benchmark), export (fod export), upgrade (fod checkpoint upgrade), interrupt (SIGTERM as
+  SIGINT); api (``fod.Detector``: fit, load, predict);
+- the run: train (check, build, fit, finish), runner (one process or DDP), distributed (torchrun's process
+  group), calibrate (decision thresholds), evaluate (the scoring loop), report and viz (metrics.json, heat
+  maps, summary page), tracking (log.csv, TensorBoard events), checkpoint (format, save, load) on safeformat
+  (safetensors + JSON behind a checksum), files (atomic writes, output folders, the manifest);
+- the model: model/ (torch_model: level transformers and the FOD bundle; loss; anomaly_map: token scores;
+  memory: features and the reference memory), backbone (frozen timm features), baselines, metrics (AUROC,
+  AUPRO);
+- the data and the settings: data (reading, preprocessing), layouts (the dataset layout registry), synthetic
+  (the embedded demo data), config (every parameter, its default and help; TOML run files), version.
 """
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["Detector", "Prediction", "__version__"]
 
 
 def __getattr__(name):  # fod.Detector without importing torch at `import fod`

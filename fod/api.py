@@ -48,11 +48,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from . import calibrate as CAL
-from . import checkpoint as C
-from . import config as CF
-from . import metrics as M
-from .data import INTERPOLATIONS, Preprocess, _pixels
+from . import calibrate
+from .checkpoint import calibration_of
+from .checkpoint import load as load_checkpoint
+from .checkpoint import write as write_checkpoint
+from .config import Config, apply_compat_defaults, check_device, check_run_options, from_dict
+from .metrics import image_scores
+from .data import RESAMPLE, Preprocess, _pixels
 
 __all__ = ["Detector", "Prediction"]
 
@@ -69,7 +71,7 @@ class Prediction:
 
 def _float_image(arr: np.ndarray, pre: Preprocess) -> torch.Tensor:
     """(H, W, 3) or (H, W) float32 in 0..1 -> normalised (3, S, S), resized per channel as PIL "F" images."""
-    resample = INTERPOLATIONS[pre.interpolation]
+    resample = RESAMPLE[pre.interpolation]
     chans = [arr] if arr.ndim == 2 else [arr[..., c] for c in range(3)]
     out = [np.asarray(pre._geometry(Image.fromarray(np.ascontiguousarray(c, np.float32), mode="F"), resample),
                       np.float32) for c in chans]
@@ -87,7 +89,7 @@ def _array_image(arr: np.ndarray, source: str, pre: Preprocess) -> torch.Tensor:
                          f"(1, H, W)), got shape {arr.shape}")
     if arr.dtype == np.uint8:
         im = Image.fromarray(np.ascontiguousarray(arr), mode="RGB" if arr.ndim == 3 else "L")
-        return pre._normalize(pre._geometry(_pixels(im, source), INTERPOLATIONS[pre.interpolation]))
+        return pre._normalize(pre._geometry(_pixels(im, source), RESAMPLE[pre.interpolation]))
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"{source}: image pixels must be uint8 (0..255) or floating point (0..1), got {arr.dtype}")
     arr = arr.astype(np.float32)
@@ -107,7 +109,7 @@ class Detector:
         self.preprocess: Preprocess = fod.preprocess()
         self.batch_size, self.amp, self.num_workers = batch_size, amp, num_workers
         self.checkpoint_path = checkpoint_path
-        self.calibration: Optional[dict] = C.calibration_of(fod.checkpoint)
+        self.calibration: Optional[dict] = calibration_of(fod.checkpoint)
         self.metrics: Optional[dict] = None  # fit(): the training run's test-set metrics
         self.skipped: list[tuple[str, str]] = []  # predict(errors="skip"): (source, reason) left out by the last call
 
@@ -117,10 +119,9 @@ class Detector:
     def load(cls, checkpoint, *, device: str = "cpu", backend: Optional[str] = None, batch_size: int = 8,
              amp: bool = False, num_workers: int = 0, log=None) -> "Detector":
         """The detector of a checkpoint.pt, on ``device`` with the kernel ``backend`` (default: the saved one)."""
-        from .evaluate import check_device
-        CF.check_run_options(CF.Config(device=device, amp=bool(amp), num_workers=num_workers), batch_size)
+        check_run_options(Config(device=device, amp=bool(amp), num_workers=num_workers), batch_size)
         check_device(device)
-        fod = C.load(checkpoint, device, backend, log=log)
+        fod = load_checkpoint(checkpoint, device, backend, log=log)
         fod.cfg.amp, fod.cfg.num_workers, fod.cfg.batch_size = bool(amp), num_workers, batch_size
         return cls(fod, batch_size=batch_size, amp=bool(amp), num_workers=num_workers,
                    checkpoint_path=str(checkpoint))
@@ -131,16 +132,16 @@ class Detector:
         """Train on ``data_dir`` (a category folder; ``dataset=`` its layout) with ``config`` (Config fields) as
         ``fod train`` does, writing the run into ``output`` (default: a temporary folder, removed afterwards),
         and return the trained detector (``detector.metrics``: the run's test-set metrics)."""
-        from . import report as R
-        from .train import train
+        from .report import say
+        from .train import train  # here: fod.train's own imports load only when a Detector trains
         if "data" in config:
             raise ValueError("Detector.fit: give the data folder as the first argument, not data=")
         if output is None and (overwrite or resume):
             raise ValueError("Detector.fit: overwrite/resume need an output folder")
         values = {**config, "data": str(data_dir)}
-        CF.apply_compat_defaults(values, set(config))
-        cfg = CF.from_dict(values, where="Detector.fit").check()
-        log = log or R.say
+        apply_compat_defaults(values, set(config))
+        cfg = from_dict(values, where="Detector.fit").check()
+        log = log or say
         tmp = Path(tempfile.mkdtemp(prefix="fod-fit-")) if output is None else None
         run = tmp / "run" if tmp is not None else Path(output)
         try:
@@ -160,7 +161,7 @@ class Detector:
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder; give the checkpoint file name, e.g. {path}/checkpoint.pt")
-        C.write(self.fod.checkpoint, path)
+        write_checkpoint(self.fod.checkpoint, path)
         return path
 
     # ------------------------------------------------------------------ properties
@@ -183,7 +184,7 @@ class Detector:
 
     def normalize(self, scores):
         """Image scores -> normalised scores in [0, 1] (0.5 at the image threshold); None without thresholds."""
-        return None if not self.calibration else CAL.normalize(scores, self.calibration["normalization"])
+        return None if not self.calibration else calibrate.normalize(scores, self.calibration["normalization"])
 
     # ------------------------------------------------------------------ prediction
 
@@ -223,7 +224,7 @@ class Detector:
             if isinstance(x, Image.Image):
                 src = f"<PIL image {i}>"
                 return src, lambda: pre._normalize(pre._geometry(_pixels(ImageOps.exif_transpose(x), src),
-                                                                 INTERPOLATIONS[pre.interpolation]))
+                                                                 RESAMPLE[pre.interpolation]))
             src = f"<array {i}>"
             return src, lambda: _array_image(x, src, pre)
 
@@ -244,7 +245,7 @@ class Detector:
     def score_batch(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(anomaly maps (N, S, S) float32, image scores (N,) float64) of a preprocessed batch (N, 3, S, S)."""
         maps = self.fod.anomaly_maps(batch.to(self.device), amp=self.amp).float().cpu().numpy()
-        return maps, M.image_scores(maps)
+        return maps, image_scores(maps)
 
     def _records(self, sources, batch) -> list[Prediction]:
         maps, scores = self.score_batch(torch.stack(batch))
@@ -268,7 +269,7 @@ class Detector:
         if errors not in ("raise", "skip"):
             raise ValueError(f'errors must be "raise" or "skip", got {errors!r}')
         bs = self.batch_size if batch_size is None else batch_size
-        CF.check_run_options(CF.Config(), bs)
+        check_run_options(Config(), bs)
         self.skipped = []
         if (self.num_workers and not preprocessed and isinstance(images, (list, tuple))
                 and all(isinstance(x, (str, Path)) for x in images)):

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import metrics as M
+from .metrics import evaluate_maps
 from .config import Config
-from .model import FOD, extract_features, loader
+from .data import loader
+from .model import FOD, extract_features
 
 DESCRIPTIONS = {
     "knn": "PatchCore-style nearest-neighbour distance to all training tokens of the level",
@@ -153,7 +154,7 @@ def compute(fod: FOD, train_ds, test_ds, cfg: Config, device: str, *, coreset: f
            "maps": {}}
     for n in names:
         m = np.concatenate(maps[n])
-        r = M.evaluate_maps(m, masks, labels, defects)
+        r = evaluate_maps(m, masks, labels, defects)
         out["methods"][n] = {"image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "aupro": r["aupro"],
                              "seconds": secs[n], "description": DESCRIPTIONS[n]}
         out["maps"][n] = m

@@ -29,16 +29,9 @@ from typing import Optional
 
 from .config import Config, from_dict, load_toml, resume_differences, to_dict
 from .files import atomic_write_text
+from .layouts import LAYOUTS
+from .version import __version__
 
-STANDARD_CATEGORIES = {
-    "mvtec": ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
-              "tile", "toothbrush", "transistor", "wood", "zipper"),
-    "btad": ("01", "02", "03"),
-    "mvtec3d": ("bagel", "cable_gland", "carrot", "cookie", "dowel", "foam", "peach", "potato", "rope", "tire"),
-    "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
-             "pcb4", "pipe_fryum"),
-}
-TRAIN_FOLDER = {"mvtec": "train/good", "btad": "train/ok", "mvtec3d": "train/good/rgb"}
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 METRIC_TITLES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO@0.3"}
 BASELINES_FILE = "baselines.json"
@@ -52,35 +45,18 @@ def say(msg: str):
 
 # ----------------------------------------------------------------------------- categories
 
-def _visa_objects(root: Path) -> list[str]:
-    from .data import VISA_SPLIT
-    path = root / VISA_SPLIT
-    if not path.is_file():
-        raise FileNotFoundError(f"VisA split file not found: {path} (the VisA layout needs "
-                                f"ROOT/{VISA_SPLIT.as_posix()})")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if "object" not in (reader.fieldnames or []):
-            raise ValueError(f"{path} has no 'object' column")
-        objects = list(dict.fromkeys(r["object"] for r in reader))
-    return [o for o in objects if (root / o).is_dir()]
-
-
 def find_categories(root, dataset: str, chosen: Optional[list[str]] = None, log=say) -> list[str]:
     """The categories to run: ``chosen`` (each must exist), else the dataset's standard categories found under
     ``root`` (in the paper's order), else (an unknown root) every sub-folder with the layout's training folder
     (VisA: every object of the split file that has a folder)."""
     root = Path(root)
-    if dataset not in STANDARD_CATEGORIES:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(STANDARD_CATEGORIES)}")
+    if dataset not in LAYOUTS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(LAYOUTS)}")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root not found: {root}")
-    if dataset == "visa":
-        present = _visa_objects(root)
-    else:
-        present = sorted(d.name for d in root.iterdir() if d.is_dir() and (d / TRAIN_FOLDER[dataset]).is_dir())
-    what = "objects of the split file with a folder" if dataset == "visa" else \
-        f"sub-folders with {TRAIN_FOLDER[dataset]}/"
+    layout = LAYOUTS[dataset]
+    present = layout.present(root)
+    what = layout.looked_for()
     if chosen:
         missing = [c for c in chosen if c not in present]
         if missing:
@@ -91,13 +67,13 @@ def find_categories(root, dataset: str, chosen: Optional[list[str]] = None, log=
         return list(chosen)
     if not present:
         raise FileNotFoundError(f"no {dataset} categories under {root} (looked for {what})")
-    standard = [c for c in STANDARD_CATEGORIES[dataset] if c in present]
+    standard = [c for c in layout.categories if c in present]
     if not standard:
         return present
     others = [c for c in present if c not in standard]
-    missing = [c for c in STANDARD_CATEGORIES[dataset] if c not in present]
+    missing = [c for c in layout.categories if c not in present]
     if missing:
-        log(f"fod benchmark: {len(standard)} of the {len(STANDARD_CATEGORIES[dataset])} standard {dataset} categories "
+        log(f"fod benchmark: {len(standard)} of the {len(layout.categories)} standard {dataset} categories "
             f"found; missing: {', '.join(missing)}")
     if others:
         log(f"fod benchmark: ignoring {', '.join(others)} (not standard {dataset} categories; name them in "
@@ -147,9 +123,7 @@ def _baselines_current(run: Path, coreset: float, epoch: int) -> bool:
 def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: bool = False, log=say) -> dict:
     """Train (or resume, or skip if finished), evaluate and compute the baselines of one category; returns its
     record. Raises on failure."""
-    from . import baselines as BL
-    from . import calibrate as CAL
-    from . import checkpoint as C
+    from . import baselines, calibrate, checkpoint, tracking
     from .data import AnomalyDataset
     from .train import train
     run = Path(run)
@@ -170,21 +144,22 @@ def run_category(cfg: Config, run: Path, *, coreset: float = 1.0, overwrite: boo
     epoch = metrics.get("epochs")
     if overwrite or not _baselines_current(run, coreset, epoch):
         log(f"fod benchmark: {name}: baselines and ablations")
-        fod = C.load(ck, cfg.device, cfg.backend)
+        fod = checkpoint.load(ck, cfg.device, cfg.backend)
         pre = fod.preprocess()  # exactly the training run's preprocessing
         train_ds = AnomalyDataset(cfg.data, "train", cfg.dataset, pre=pre)
-        train_ds = CAL.datasets(fod.cfg, train_ds)[0]  # the images FOD trained on: not its calibration images
+        train_ds = calibrate.datasets(fod.cfg, train_ds)[0]  # the images FOD trained on: not its calibration images
         test_ds = AnomalyDataset(cfg.data, "test", cfg.dataset, pre=pre)
-        res = BL.compute(fod, train_ds, test_ds, cfg, cfg.device, coreset=coreset, log=lambda m: log(f"[{name}] {m}"))
+        res = baselines.compute(fod, train_ds, test_ds, cfg, cfg.device, coreset=coreset,
+                                log=lambda m: log(f"[{name}] {m}"))
         res.pop("maps")
         main = metrics.get("final_epoch", metrics)  # compat-official: the final model, not the selected epochs
-        own = res["methods"][BL.method_names(fod)[-1]]  # FOD's own score, recomputed: must equal the main result
+        own = res["methods"][baselines.method_names(fod)[-1]]  # FOD's own score, recomputed: must equal the main result
         res["fod_check"] = {k: abs(own[k] - main[k]) for k in METRICS}
         res["checkpoint_epoch"] = epoch
         atomic_write_text(run / BASELINES_FILE, json.dumps(res, indent=2))
-        from .tracking import add_evaluation  # the run's log: tensorboard --logdir OUTPUT compares them all
-        add_evaluation(run, fod.checkpoint, {f"{n}/{k}": v[k] for n, v in res["methods"].items() for k in METRICS},
-                       "baseline", tensorboard=cfg.tensorboard, log=lambda m: log(f"[{name}] {m}"))
+        values = {f"{n}/{k}": v[k] for n, v in res["methods"].items() for k in METRICS}
+        tracking.add_evaluation(run, fod.checkpoint, values, "baseline", tensorboard=cfg.tensorboard,
+                                log=lambda m: log(f"[{name}] {m}"))  # tensorboard --logdir OUTPUT compares them all
     return category_record(name, run)
 
 
@@ -307,18 +282,20 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
     categories r, r + N, ... one after the other, each as a single-process run on its own device: the results
     equal those of one process); rank 0 gathers the records and writes the results files, and returns all of
     them; the other processes return their own."""
-    from . import distributed as D
+    from . import distributed
+    from .checkpoint import check_format
     from .baselines import coreset_size
-    ctx = D.current()
+    ctx = distributed.current()
     coreset_size(1, coreset)  # validates the ratio
     root = Path(root).resolve()
     out = Path(output)
     base = dataclasses.replace(base, dataset=dataset, data=str(root))
-    names = find_categories(root, dataset, categories, log if ctx.is_main else D.quiet)
+    names = find_categories(root, dataset, categories, log if ctx.is_main else distributed.quiet)
     if ctx.distributed and devices:
         raise ValueError("--devices is for one process; under torchrun every process takes one device (--device cuda: "
                          "the GPU of its local rank)")
-    devices = [D.local_device(base.device)] if ctx.distributed else list(devices) if devices else [base.device]
+    devices = [distributed.local_device(base.device)] if ctx.distributed else \
+        list(devices) if devices else [base.device]
     for d in devices:
         dataclasses.replace(base, device=d).check()
     jobs = [(n, category_config(base, root, n), out / n) for n in names]
@@ -329,13 +306,12 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
         if conflicts:
             raise FileExistsError("; ".join(conflicts) + ". Use another --output, the same options, or --overwrite "
                                   "to start those categories over")
-        from .checkpoint import check_format
         for _, _, run in jobs:  # a checkpoint to resume in an old or foreign format: one error now, before any work
             if (run / "checkpoint.pt").is_file():
                 check_format((run / "checkpoint.pt").read_bytes(), run / "checkpoint.pt")
-    D.checks_passed()  # several processes: every one passed its checks (else all stop here)
+    distributed.checks_passed()  # several processes: every one passed its checks (else all stop here)
     if ctx.distributed:
-        patient = D.patient_group()  # the final gather waits for the slowest process, however long it takes
+        patient = distributed.patient_group()  # the final gather waits for the slowest process, however long it takes
         jobs = jobs[ctx.rank::ctx.world_size]
         log(f"fod benchmark: {ctx.tag}categories {', '.join(n for n, _, _ in jobs) or '(none)'} on {devices[0]}")
     out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +330,7 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
     if len(devices) == 1:
         for name, cfg, run in jobs:
             try:
-                with D.single():  # under torchrun too: a category is a single-process run
+                with distributed.single():  # under torchrun too: a category is a single-process run
                     records[name] = run_category(dataclasses.replace(cfg, device=devices[0]), run, coreset=coreset,
                                                  overwrite=overwrite, log=log)
             except Exception as exc:
@@ -366,7 +342,7 @@ def benchmark(base: Config, root, dataset: str, output, *, categories: Optional[
     else:
         records = _run_parallel(jobs, devices, coreset, overwrite, on_done, log)
     if ctx.distributed:
-        everyone = D.gather_objects(records, "fod benchmark: gathering the results", group=patient)
+        everyone = distributed.gather_objects(records, "fod benchmark: gathering the results", group=patient)
         if not ctx.is_main:
             return list(records.values())
         records = {k: v for r in everyone for k, v in r.items()}
@@ -425,7 +401,6 @@ def _pct(v) -> str:
 
 
 def results_markdown(rows, names, base: Config, dataset, root, devices, coreset, command, charts) -> str:
-    from . import __version__
     from .baselines import DESCRIPTIONS
     from .report import versions
     ok = [r for r in rows if r["status"] == "ok" and r["category"] != "mean"]

@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import metrics as M
+from .metrics import image_scores
 from .config import Config
-from .data import IMAGE_EXTS, AnomalyDataset, Sample, _find_mask, _images_in, _require_dir
-from .model import loader
+from .data import AnomalyDataset, loader
+from .layouts import IMAGE_EXTS, LAYOUTS, Sample, _images_in, _require_dir
+
 
 DEFAULT_VAL_FRACTION = 0.1
 RULE = "anomalous iff score > threshold"
@@ -59,10 +60,9 @@ LN9 = math.log(9.0)
 
 def validation_split(cfg: Config) -> Optional[Path]:
     """The dataset's own validation folder, if its layout has one and it is there."""
-    if cfg.dataset == "mvtec3d":
-        d = Path(cfg.data) / "validation"
-        if d.is_dir():
-            return d
+    name = LAYOUTS[cfg.dataset].validation
+    if name is not None and (Path(cfg.data) / name).is_dir():
+        return Path(cfg.data) / name
     return None
 
 
@@ -130,19 +130,6 @@ def folder_samples(d: Path) -> list[Sample]:
     return samples
 
 
-def validation_samples(d: Path) -> list[Sample]:
-    """MVTec 3D-AD's validation split: <type>/rgb/*.png, masks <type>/gt/<name> for the defect types."""
-    out = []
-    for tdir in sorted(p for p in d.iterdir() if p.is_dir()):
-        rgb = _require_dir(tdir / "rgb", "rgb")
-        for img in _images_in(rgb):
-            out.append(Sample(img, tdir.name, None if tdir.name == "good" else
-                              _find_mask(tdir / "gt", img, ("", "_mask"))))
-    if not out:
-        raise FileNotFoundError(f"the validation split {d} holds no images (<type>/rgb/*.png)")
-    return out
-
-
 def datasets(cfg: Config, train_ds: AnomalyDataset) -> tuple[AnomalyDataset, Optional[AnomalyDataset], dict]:
     """(the images to train on, the calibration images or None, the plan with the held-out names added).
     Raises before any training if the calibration images cannot be listed."""
@@ -155,8 +142,8 @@ def datasets(cfg: Config, train_ds: AnomalyDataset) -> tuple[AnomalyDataset, Opt
     if p["source"] == "val_dir":
         return train_ds, _with_samples(train_ds, folder_samples(Path(p["path"])), Path(p["path"]), "val"), p
     if p["source"] == "validation_split":
-        return train_ds, _with_samples(train_ds, validation_samples(Path(p["path"])), Path(p["path"]),
-                                       "validation"), p
+        samples = LAYOUTS[cfg.dataset].validation_samples(Path(p["path"]))
+        return train_ds, _with_samples(train_ds, samples, Path(p["path"]), "validation"), p
     return train_ds, None, p
 
 
@@ -240,7 +227,7 @@ def _maps(fod, ds, cfg: Config, device: str):
 def calibrate(fod, ds: AnomalyDataset, cfg: Config, device: str, p: dict, log=None) -> dict:
     """Thresholds and the normal score statistics from the calibration images ``ds`` (see the module doc)."""
     maps, masks, labels = _maps(fod, ds, cfg, device)
-    scores = M.image_scores(maps)
+    scores = image_scores(maps)
     normal = labels == 0
     n_norm, n_def = int(normal.sum()), int((~normal).sum())
     fpr = float(cfg.fpr)

@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import safeformat
 from .backbone import Backbone
-from . import safeformat as SF
 from .config import Config, check_config, from_dict, to_dict
 from .files import atomic_write
 from .model import FOD
@@ -98,7 +98,7 @@ def save(path: Path, *, cfg: Config, fod: FOD, optimizer, gen: torch.Generator, 
 def write(ck: dict, path):
     """Write the checkpoint dict ``ck`` atomically in the current format (its ``sha256`` entry, if any, is
     recomputed: it is the file's digest). Encoded in memory first, so a write fails before the file is touched."""
-    raw = SF.dumps(CHECKPOINT_FORMAT, {k: v for k, v in ck.items() if k != "sha256"})
+    raw = safeformat.dumps(CHECKPOINT_FORMAT, {k: v for k, v in ck.items() if k != "sha256"})
     atomic_write(path, lambda f: f.write(raw))
 
 
@@ -114,7 +114,7 @@ def _first_line(exc: BaseException) -> str:
 def check_format(raw: bytes, path) -> tuple[str, str]:
     """(format, digest) of a checkpoint file's first line; a CheckpointError naming the file for anything other
     than the current format (a pickle of an earlier version: the conversion command). Parses nothing."""
-    head = SF.header(raw)
+    head = safeformat.header(raw)
     if head is None:
         if raw[:2] == b"PK" or raw[:1] == b"\x80":  # torch.save's zip, or a raw pickle: never unpickled
             if b"fod-checkpoint-v" in raw:
@@ -198,8 +198,8 @@ def load_raw(path, *, resume: bool = False, log: Optional[Callable[[str], None]]
     raw = path.read_bytes()
     head = check_format(raw, path)
     try:
-        ck = SF.loads(raw, CHECKPOINT_FORMAT)
-    except SF.FormatError as exc:
+        ck = safeformat.loads(raw, CHECKPOINT_FORMAT)
+    except safeformat.FormatError as exc:
         raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {path} is damaged: it holds a {type(ck).__name__}, not a dict")

@@ -1,5 +1,9 @@
 """Command line: ``fod train | test | predict | export | demo | benchmark | checkpoint`` (also ``python -m fod``).
 
+It parses and resolves the options and hands each command to the layer above the library: ``fod.train.train``,
+``fod.commands`` (test, predict, demo), ``fod.export.export``, ``fod.benchmark.benchmark`` and
+``fod.upgrade.upgrade``; every error they raise becomes one line ``fod <command>: error: ...`` with exit code 2.
+
 The options of the model and of the run are generated from ``fod.config.Config``'s fields (type,
 default and help in one place). Their argparse default is None, so that what the user typed can be
 told from what was left out: an option given on the command line beats the ``--config`` file, which
@@ -10,11 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-from . import config as CF
-from . import interrupt as INT
+from . import config, interrupt
+from .layouts import LAYOUTS
 
 DESCRIPTION = """\
 FOD ("Focus the Discrepancy", ICCV 2023): unsupervised anomaly detection and
@@ -34,11 +37,11 @@ Several GPUs: torchrun --nproc-per-node 4 -m fod train --device cuda --batch-siz
 Old checkpoint (pickle, earlier fod): fod checkpoint upgrade OLD.pt NEW.pt --trust   (only files you trust)
 """
 
-DEMO_DEFAULTS = CF.DEMO_DEFAULTS  # public name, kept
+DEMO_DEFAULTS = config.DEMO_DEFAULTS  # public name, kept
 
 
 def _flag(name: str) -> str:
-    return CF.FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+    return config.FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
 
 
 def _dest(name: str) -> str:
@@ -46,7 +49,7 @@ def _dest(name: str) -> str:
 
 
 def _parser_type(name: str):
-    base, is_list, _ = CF.field_type(name)
+    base, is_list, _ = config.field_type(name)
     if is_list:
         def parse(s, base=base):
             items = [x.strip() for x in s.split(",") if x.strip()]
@@ -59,7 +62,7 @@ def _parser_type(name: str):
 
 
 def _default_text(name: str, demo: bool) -> str:
-    v = CF.DEMO_DEFAULTS.get(name, CF.FIELDS[name].default) if demo else CF.FIELDS[name].default
+    v = config.DEMO_DEFAULTS.get(name, config.FIELDS[name].default) if demo else config.FIELDS[name].default
     if v is None:
         return ""
     if isinstance(v, list):
@@ -67,19 +70,19 @@ def _default_text(name: str, demo: bool) -> str:
     return f" (default {v})"
 
 
-def add_config_options(p: argparse.ArgumentParser, groups=(CF.MODEL_OPTIONS, CF.RUN_OPTIONS), demo: bool = False,
-                       skip=()):
+def add_config_options(p: argparse.ArgumentParser, groups=(config.MODEL_OPTIONS, config.RUN_OPTIONS),
+                       demo: bool = False, skip=()):
     """One option per Config field of the given groups, named and documented by the field."""
     from fod_kernels import BACKENDS
-    titles = {CF.MODEL_OPTIONS: "model and training", CF.RUN_OPTIONS: "execution"}
+    titles = {config.MODEL_OPTIONS: "model and training", config.RUN_OPTIONS: "execution"}
     for group in groups:
         g = p.add_argument_group(titles[group])
-        excl = g.add_mutually_exclusive_group() if group == CF.MODEL_OPTIONS else None
-        for name, f in CF.FIELDS.items():
+        excl = g.add_mutually_exclusive_group() if group == config.MODEL_OPTIONS else None
+        for name, f in config.FIELDS.items():
             md = f.metadata
             if md["group"] != group or not md["cli"] or name in skip:
                 continue
-            base, _, _ = CF.field_type(name)
+            base, _, _ = config.field_type(name)
             kw = dict(dest=_dest(name), default=None, help=md["help"])
             if base is bool:
                 kw.update(action="store_const", const=not f.default)
@@ -103,11 +106,7 @@ def _max_pixels(p: argparse.ArgumentParser):
                         f"(default {Image.MAX_IMAGE_PIXELS}, Pillow's decompression-bomb limit)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fod", description=DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_train(sub):
     p = sub.add_parser("train", help="train on a category's normal images, then evaluate the final model once",
                        description="Train on DATA/train, then evaluate the final model once on DATA/test. Writes "
                                    "config.toml, checkpoint.pt and log.csv (after every epoch), tensorboard/ (as it "
@@ -116,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", dest=_dest("data"), default=None, metavar="DIR",
                    help="category directory, e.g. mvtec/bottle (required unless --config gives it)")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", dest=_dest("dataset"), default=None, choices=CF.LAYOUTS,
+    p.add_argument("--dataset", dest=_dest("dataset"), default=None, choices=tuple(LAYOUTS),
                    help="directory layout (default mvtec)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML configuration (e.g. RUN/config.toml of an earlier run); options given here win")
@@ -126,20 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     _max_pixels(p)
     add_config_options(p)
 
+
+def _add_test(sub):
     p = sub.add_parser("test", help="evaluate a checkpoint on a test set",
                        description="Evaluate a trained checkpoint on DATA/test: metrics.json, heatmaps/, summary.png, "
                                    "log.csv and tensorboard/ (the metrics at the checkpoint's training step).")
     p.add_argument("--data", required=True, help="category directory")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dataset", default=None, choices=CF.LAYOUTS,
+    p.add_argument("--dataset", default=None, choices=tuple(LAYOUTS),
                    help="directory layout (default: the one of training)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size per process (default: the one of training)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     _max_pixels(p)
-    add_config_options(p, groups=(CF.RUN_OPTIONS,))
+    add_config_options(p, groups=(config.RUN_OPTIONS,))
 
+
+def _add_predict(sub):
     p = sub.add_parser("predict", help="anomaly maps and scores for new images",
                        description="Score new images with a trained checkpoint: scores.json (image scores), "
                                    "maps.npz (anomaly maps) and heatmaps/*.png.")
@@ -149,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     _max_pixels(p)
-    add_config_options(p, groups=(CF.RUN_OPTIONS,), skip=("tensorboard",))  # predict logs no run
+    add_config_options(p, groups=(config.RUN_OPTIONS,), skip=("tensorboard",))  # predict logs no run
 
+
+def _add_export(sub):
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (runs without fod installed)",
                        description="Write the model of a checkpoint as an ONNX or TorchScript file taking a float32 "
                                    "batch (N, 3, S, S) already resized and normalised and returning the anomaly maps "
@@ -164,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch's exporter writes)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE and FILE.json if they exist")
 
+
+def _add_checkpoint(sub):
     p = sub.add_parser("checkpoint", help="convert a checkpoint of an earlier fod version (docs/SECURITY.md)",
                        description="fod checkpoint upgrade OLD NEW --trust: convert a checkpoint written by an "
                                    "earlier fod version (a pickle, which can run code when read) into the current "
@@ -175,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--trust", action="store_true",
                    help="required: OLD is unpickled, which runs any code it holds; say so only for files you trust")
 
+
+def _add_demo(sub):
     p = sub.add_parser("demo", help="generate the embedded synthetic dataset, train and evaluate (CPU, minutes)",
                        description="Writes a synthetic textured-fabric dataset with scratches, spots and cuts (MVTec "
                                    "layout) to OUTPUT/data, then trains and evaluates on it and predicts a few "
@@ -188,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _max_pixels(p)
     add_config_options(p, demo=True)
 
+
+def _add_benchmark(sub):
     p = sub.add_parser("benchmark", help="train and evaluate every category of a dataset, with baselines",
                        description="Train and evaluate every category under ROOT with one configuration (a run "
                                    "folder per category under OUTPUT), compute the baselines (knn, memory_distance) "
@@ -197,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interrupted one. Exit code 0 if every category succeeded, 1 if some failed.")
     p.add_argument("--data", dest="root", required=True, metavar="ROOT",
                    help="dataset root holding the categories, e.g. mvtec_anomaly_detection")
-    p.add_argument("--dataset", dest=_dest("dataset"), default="mvtec", choices=CF.LAYOUTS,
+    p.add_argument("--dataset", dest=_dest("dataset"), default="mvtec", choices=tuple(LAYOUTS),
                    help="dataset (its standard categories and layout; default mvtec)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--categories", default=None, metavar="A,B,...",
@@ -213,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start every category over, replacing earlier results")
     _max_pixels(p)
     add_config_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fod", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_test, _add_predict, _add_export, _add_checkpoint, _add_demo, _add_benchmark):
+        add(sub)
     return ap
 
 
@@ -221,36 +240,35 @@ def _given(args) -> dict:
     return {k[len("cfg_"):]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
-def resolve_config(args, demo: bool = False) -> CF.Config:
+def resolve_config(args, demo: bool = False) -> config.Config:
     """Config from (lowest to highest) the defaults, the demo's defaults, --config FILE, the command line."""
     given = _given(args)
-    values = dict(CF.DEMO_DEFAULTS) if demo else {}
-    from_file = CF.load_toml(args.config) if getattr(args, "config", None) else {}
+    values = dict(config.DEMO_DEFAULTS) if demo else {}
+    from_file = config.load_toml(args.config) if getattr(args, "config", None) else {}
     values.update(from_file)
     values.update(given)
-    taken = CF.apply_compat_defaults(values, set(given) | set(from_file))
+    taken = config.apply_compat_defaults(values, set(given) | set(from_file))
     if taken and int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, rank 0 says it
         from .report import say
         say("fod: --compat-official: the official code's " + ", ".join(f"{k} {v}" for k, v in taken.items())
             + " (give them explicitly to override)")
     if demo and "weights" in given:
         values["pretrained"] = True  # the weights file is the ImageNet substitute
-    if demo and given.get("backbone", CF.DEMO_DEFAULTS["backbone"]) != CF.DEMO_DEFAULTS["backbone"]:
+    if demo and given.get("backbone", config.DEMO_DEFAULTS["backbone"]) != config.DEMO_DEFAULTS["backbone"]:
         # another backbone: its own default levels and widths unless given
         values["levels"] = given.get("levels")
         values["d_model"] = given.get("d_model")
     if not values.get("data"):
         raise ValueError("--data is required (or a --config file that gives `data`)")
-    return CF.from_dict(values, where="configuration")
+    return config.from_dict(values, where="configuration")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = INT.install()
+    handlers = interrupt.install()
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("FOD_THREADS", torch.get_num_threads()))))
-    from . import distributed as D
-    from .evaluate import predict, test
+    from . import commands, distributed
     from .train import train
     rc = 0
     from .data import MAX_PIXELS_ENV
@@ -260,11 +278,11 @@ def main(argv=None) -> int:
             if args.max_pixels < 1:
                 raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
             os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
-        if D.launched():  # torchrun started this process as one of several
-            if args.command not in D.COMMANDS:
+        if distributed.launched():  # torchrun started this process as one of several
+            if args.command not in distributed.COMMANDS:
                 raise ValueError(f"fod {args.command} runs in one process: launch it without torchrun (under "
-                                 f"torchrun: fod {', fod '.join(D.COMMANDS)})")
-            D.setup()
+                                 f"torchrun: fod {', fod '.join(distributed.COMMANDS)})")
+            distributed.setup()
         if not str(getattr(args, "output", "-")).strip():
             raise ValueError("--output is empty")
         if args.command == "train":
@@ -274,10 +292,10 @@ def main(argv=None) -> int:
             kw = dict(device=run.get("device", "cpu"), backend=run.get("backend"), overwrite=args.overwrite,
                       amp=run.get("amp", False), workers=run.get("num_workers"), heatmaps=run.get("heatmaps", -1))
             if args.command == "test":
-                test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size,
-                     tensorboard=run.get("tensorboard", True), **kw)
+                commands.test(args.checkpoint, args.data, args.output, dataset=args.dataset, batch_size=args.batch_size,
+                              tensorboard=run.get("tensorboard", True), **kw)
             else:
-                predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
+                commands.predict(args.checkpoint, args.images, args.output, batch_size=args.batch_size, **kw)
         elif args.command == "export":
             from .export import export
             export(args.checkpoint, args.fmt, args.output, opset=args.opset, overwrite=args.overwrite)
@@ -286,94 +304,45 @@ def main(argv=None) -> int:
             from .upgrade import upgrade
             upgrade(args.old, args.new, trust=args.trust, log=say)
         elif args.command == "demo":
-            return demo(args)
+            args.cfg_data = str(Path(args.output) / "data")
+            return commands.demo(resolve_config(args, demo=True), args.output, train_images=args.train_images,
+                                 overwrite=args.overwrite)
         elif args.command == "benchmark":
-            rc = benchmark(args, argv)
+            rc = _benchmark(args, argv)
     except (OSError, ValueError, RuntimeError) as exc:  # OSError: files (missing, full disk, read-only, ...)
-        msg = D.settle(exc)  # several processes: None where another process reports the error
-        D.shutdown(destroy=False)
+        msg = distributed.settle(exc)  # several processes: None where another process reports the error
+        distributed.shutdown(destroy=False)
         if msg is not None:
             print(f"fod {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (fod.interrupt): the finally blocks have cleaned up
-        line, code = INT.message(exc, hint=args.command == "train")  # demo and benchmark run train() too
+        line, code = interrupt.message(exc, hint=args.command == "train")  # demo and benchmark run train() too
         if args.command == "benchmark":
             line += ("; run the same command to continue (finished categories are skipped, an interrupted one "
                      "resumes from its last checkpoint)")
         print(f"fod {args.command}: {line}", file=sys.stderr)
         return code
     finally:
-        INT.restore(handlers)
+        interrupt.restore(handlers)
         if saved_limit is None:
             os.environ.pop(MAX_PIXELS_ENV, None)
         else:
             os.environ[MAX_PIXELS_ENV] = saved_limit
-    D.shutdown()
+    distributed.shutdown()
     return rc
 
 
-def benchmark(args, argv=None) -> int:
+def _benchmark(args, argv=None) -> int:
     import shlex
 
-    from . import benchmark as B
+    from .benchmark import benchmark as run_benchmark
+    from .benchmark import parse_list
     args.cfg_data = args.root
     cfg = resolve_config(args)
-    rows = B.benchmark(cfg, args.root, cfg.dataset, args.output, categories=B.parse_list(args.categories),
-                       devices=B.parse_list(args.devices), coreset=args.knn_coreset, overwrite=args.overwrite,
-                       command="fod " + shlex.join(sys.argv[1:] if argv is None else argv))
+    rows = run_benchmark(cfg, args.root, cfg.dataset, args.output, categories=parse_list(args.categories),
+                         devices=parse_list(args.devices), coreset=args.knn_coreset, overwrite=args.overwrite,
+                         command="fod " + shlex.join(sys.argv[1:] if argv is None else argv))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
-
-
-def demo(args) -> int:
-    from .evaluate import predict
-    from .files import OutputLock, check_writable, writing
-    from .report import say
-    from .synthetic import demo_files, make_dataset, remove_dataset
-    from .train import train
-    out = Path(args.output)
-    data = out / "data"
-    # everything is checked before anything is written
-    if args.train_images < 1:
-        raise ValueError(f"--train-images must be >= 1, got {args.train_images}")
-    args.cfg_data = str(data)
-    cfg = resolve_config(args, demo=True).check()
-    from .calibrate import holdout_count, plan
-    holdout_count(args.train_images, plan(cfg)["fraction"])  # the held-out calibration images leave some to train
-    check_writable(out)
-    existing = [p for p in ("data", "run", "predict", "metrics.json", "checkpoint.pt") if (out / p).exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace the demo's "
-                              "results, or choose another --output")
-    if data.exists():
-        demo_files(data)  # refuses if data/ holds files the demo did not write
-    t0 = time.perf_counter()
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    lock = OutputLock(out, "fod demo")
-    lock.acquire()
-    try:
-        if data.exists():
-            remove_dataset(data)
-        make_dataset(data, n_train=args.train_images)
-        say(f"fod demo: synthetic dataset written to {data} (train/good, test/good|scratch|spot|cut, ground_truth)")
-        if cfg.weights is None:
-            say("fod demo: backbone weights: RANDOM INITIALISATION (no download is attempted; pass --weights FILE "
-                "for ImageNet weights). Shallow levels of a random network still separate these textures.")
-        metrics = train(cfg, out / "run", overwrite=args.overwrite)
-        samples = sorted((data / "test").glob("*/000.png"))
-        predict(out / "run" / "checkpoint.pt", samples, out / "predict", device=cfg.device, backend=cfg.backend,
-                overwrite=args.overwrite, amp=cfg.amp, workers=cfg.num_workers)
-    finally:
-        lock.release()
-    thr = metrics.get("thresholds")
-    decisions = "no thresholds (--val-fraction 0)" if not thr else (
-        f"at the calibrated thresholds image precision {thr['image']['precision']:.3f} recall "
-        f"{thr['image']['recall']:.3f} F1 {thr['image']['f1']:.3f}, pixel F1 {thr['pixel']['f1']:.3f}")
-    say(f"fod demo: done in {time.perf_counter() - t0:.0f} s; weights: {metrics['weights']}; "
-        f"image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
-        f"AUPRO {metrics['aupro']:.3f}; {decisions}; decisions and masks of {len(samples)} test images in "
-        f"{out / 'predict'}; see {out / 'run' / 'summary.png'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-LAYOUTS = ("mvtec", "btad", "mvtec3d", "visa")
+from .layouts import LAYOUTS
+
 INTERPOLATIONS = ("lanczos", "bilinear", "bicubic")  # image resizing filters (masks: nearest neighbour)
 MAX_SIZE = 4096  # pixels: (4096/8)^2 = 262144 tokens at stride 8, far beyond any machine's budget for L x L correlation
 RUN_OPTIONS = "run"      # execution options: every command has them
@@ -35,7 +36,7 @@ def opt(help: str, *, flag: Optional[str] = None, group: str = MODEL_OPTIONS, cl
 @dataclass
 class Config:
     data: str = field(default="", metadata=opt("category directory, e.g. mvtec/bottle", cli=False))
-    dataset: str = field(default="mvtec", metadata=opt("directory layout", choices=LAYOUTS, cli=False))
+    dataset: str = field(default="mvtec", metadata=opt("directory layout", choices=tuple(LAYOUTS), cli=False))
     backbone: str = field(default="wide_resnet50_2", metadata=opt(
         "timm model name, e.g. wide_resnet50_2, resnet18, efficientnet_b6"))
     levels: Optional[list[str]] = field(default=None, metadata=opt(
@@ -186,7 +187,7 @@ def check_config(cfg: Config):
     if cfg.levels is not None and len(set(cfg.levels)) != len(cfg.levels):
         raise ValueError(f"--levels names a level twice: {','.join(cfg.levels)}")
     if cfg.dataset not in LAYOUTS:
-        raise ValueError(f"--dataset must be one of {LAYOUTS}, got {cfg.dataset!r}")
+        raise ValueError(f"--dataset must be one of {tuple(LAYOUTS)}, got {cfg.dataset!r}")
     if cfg.amp and not str(cfg.device).startswith("cuda"):
         raise ValueError("--amp (bf16 autocast) is for CUDA only")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
@@ -217,6 +218,16 @@ def check_run_options(cfg: Config, batch_size=None):
     _finite_number("--heatmaps", cfg.heatmaps, -1)
     if batch_size is not None:
         _finite_number("--batch-size", batch_size, 1)
+
+
+def check_device(device: str):
+    """A clear error if ``device`` (cpu, cuda, cuda:N; format checked by the config) is not on this machine."""
+    if device.startswith("cuda"):
+        import torch  # here: `import fod.config` (the command line's parser) does not load torch
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s)")
 
 
 def check_value(name: str, value):

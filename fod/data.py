@@ -1,5 +1,5 @@
-"""Datasets in the MVTec AD, BTAD, MVTec 3D-AD (RGB) and VisA (split CSV) layouts, and the preprocessing of
-images and masks.
+"""Datasets in the MVTec AD, BTAD, MVTec 3D-AD (RGB) and VisA (split CSV) layouts (listed through the registry
+of ``fod.layouts``), the preprocessing of images and masks, and the evaluation-order ``loader``.
 
 Each dataset lists (image path, defect type, mask path or None) triples at
 construction, so a missing mask or an empty split fails at once with the file
@@ -23,141 +23,22 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from .config import INTERPOLATIONS
+from .layouts import list_samples
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LOSSY_EXTS = (".jpg", ".jpeg")
-INTERPOLATIONS = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-LAYOUTS = ("mvtec", "btad", "mvtec3d", "visa")
-
-
-class Sample(NamedTuple):
-    image: Path
-    defect: str          # "good" for normal images
-    mask: Optional[Path]  # None for normal images
-
-
-def _images_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-
-def _nonempty(samples: list, what: str, where: Path) -> list:
-    if not samples:
-        raise FileNotFoundError(f"empty {what} split: no images ({', '.join(IMAGE_EXTS)}) found under {where}")
-    return samples
-
-
-def _require_dir(d: Path, what: str) -> Path:
-    if d.exists() and not d.is_dir():
-        raise NotADirectoryError(f"{what} directory {d} is a file, not a folder")
-    if not d.is_dir():
-        raise FileNotFoundError(f"{what} directory not found: {d}")
-    return d
-
-
-def _find_mask(gt_dir: Path, img: Path, suffixes=("_mask", "")) -> Path:
-    for suf in suffixes:
-        for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):  # 000_mask.PNG too
-            cand = gt_dir / f"{img.stem}{suf}{ext}"
-            if cand.is_file():
-                return cand
-    expected = gt_dir / f"{img.stem}{suffixes[0]}.png"
-    raise FileNotFoundError(f"missing ground-truth mask for {img}: expected {expected}")
-
-
-def list_samples(root, split: str, layout: str = "mvtec") -> list[Sample]:
-    """The (image, defect type, mask) triples of one split ("train" or "test") of a category."""
-    root = Path(root)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown dataset layout {layout!r}; choose one of {LAYOUTS}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    _require_dir(root, "dataset")
-    if layout == "visa":
-        return _visa_samples(root, split)
-    if layout == "mvtec":
-        if split == "train":
-            d = _require_dir(root / "train" / "good", "training (train/good)")
-            return _nonempty([Sample(p, "good", None) for p in _images_in(d)], "train", d)
-        test = _require_dir(root / "test", "test")
-        out = []
-        for tdir in sorted(p for p in test.iterdir() if p.is_dir()):
-            for img in _images_in(tdir):
-                mask = None if tdir.name == "good" else _find_mask(root / "ground_truth" / tdir.name, img)
-                out.append(Sample(img, tdir.name, mask))
-        return _nonempty(out, "test", test)
-    if layout == "btad":
-        if split == "train":
-            d = _require_dir(root / "train" / "ok", "training (train/ok)")
-            return _nonempty([Sample(p, "good", None) for p in _images_in(d)], "train", d)
-        out = []
-        for name in ("ok", "ko"):
-            d = root / "test" / name
-            if d.is_dir():
-                for img in _images_in(d):
-                    mask = None if name == "ok" else _find_mask(root / "ground_truth" / "ko", img, ("", "_mask"))
-                    out.append(Sample(img, "good" if name == "ok" else "ko", mask))
-        return _nonempty(out, "test", root / "test")
-    # mvtec3d: <split>/<type>/rgb/*.png, masks in <split>/<type>/gt/<same name>
-    if split == "train":
-        d = _require_dir(root / "train" / "good" / "rgb", "training (train/good/rgb)")
-        return _nonempty([Sample(p, "good", None) for p in _images_in(d)], "train", d)
-    test = _require_dir(root / "test", "test")
-    out = []
-    for tdir in sorted(p for p in test.iterdir() if p.is_dir()):
-        rgb = _require_dir(tdir / "rgb", "rgb")
-        for img in _images_in(rgb):
-            mask = None if tdir.name == "good" else _find_mask(tdir / "gt", img, ("", "_mask"))
-            out.append(Sample(img, tdir.name, mask))
-    return _nonempty(out, "test", test)
-
-
-VISA_SPLIT = Path("split_csv") / "1cls.csv"
-VISA_COLUMNS = ("object", "split", "label", "image", "mask")
-
-
-def _visa_samples(root: Path, split: str) -> list[Sample]:
-    """VisA: the category is ``root`` (e.g. VisA/candle); its split is the rows of ROOT/split_csv/1cls.csv
-    (columns object,split,label,image,mask; paths relative to ROOT) whose object is the category's name.
-    Labels: "normal" or "anomaly" (the defect type is then "anomaly"); anomalies need a mask."""
-    import csv
-    base, csv_path = root.parent, root.parent / VISA_SPLIT
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"VisA split file not found: {csv_path} (the VisA layout reads the category's "
-                                f"images from ROOT/{VISA_SPLIT.as_posix()}, ROOT being the parent of {root})")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(VISA_COLUMNS)}")
-        rows = [(i, r) for i, r in enumerate(reader, start=2) if r["object"] == root.name and r["split"] == split]
-    out = []
-    for line, r in rows:
-        label = r["label"].strip().lower()
-        if label not in ("normal", "anomaly"):
-            raise ValueError(f"{csv_path} line {line}: label must be 'normal' or 'anomaly', got {r['label']!r}")
-        img = base / r["image"]
-        if not img.is_file():
-            raise FileNotFoundError(f"{csv_path} line {line}: image not found: {img}")
-        mask = None
-        if label == "anomaly":
-            if not r["mask"].strip():
-                raise FileNotFoundError(f"{csv_path} line {line}: missing ground-truth mask for {img}")
-            mask = base / r["mask"]
-            if not mask.is_file():
-                raise FileNotFoundError(f"missing ground-truth mask for {img}: expected {mask}")
-        out.append(Sample(img, "good" if label == "normal" else "anomaly", mask))
-    return _nonempty(out, split, csv_path)
-
+RESAMPLE = {name: getattr(Image, name.upper()) for name in INTERPOLATIONS}  # the PIL filter of each name
 
 MAX_PIXELS_ENV = "FOD_MAX_PIXELS"  # set by --max-pixels; read in DataLoader worker processes too
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -298,7 +179,7 @@ class Preprocess:
     def image(self, path) -> torch.Tensor:
         """One image as a normalised float tensor (3, image_size, image_size)."""
         path = Path(path)
-        return self._normalize(self._geometry(_pixels(_open(path), path), INTERPOLATIONS[self.interpolation]))
+        return self._normalize(self._geometry(_pixels(_open(path), path), RESAMPLE[self.interpolation]))
 
     def mask(self, path, image_size: Optional[tuple] = None) -> torch.Tensor:
         """A mask as bool (image_size, image_size); ``image_size`` (w, h) of its image, checked if given."""
@@ -313,7 +194,7 @@ class Preprocess:
     def image_and_mask(self, path, mask_path) -> tuple[torch.Tensor, torch.Tensor]:
         path = Path(path)
         im = _open(path)
-        img = self._normalize(self._geometry(_pixels(im, path), INTERPOLATIONS[self.interpolation]))
+        img = self._normalize(self._geometry(_pixels(im, path), RESAMPLE[self.interpolation]))
         return img, self.mask(mask_path, im.size)
 
     def denormalize(self, img: torch.Tensor) -> np.ndarray:
@@ -392,3 +273,8 @@ def check_split(ds: AnomalyDataset, need_both_classes: bool = True) -> None:
         if defect_pixels == 0:
             raise ValueError(f"no mask of the {ds.split} split of {ds.root} has a defect pixel inside the centre crop; "
                              "pixel AUROC and AUPRO need some")
+
+
+def loader(ds, cfg, batch_size: int):
+    """The evaluation-order (unshuffled) DataLoader of a dataset."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.num_workers)

@@ -6,10 +6,10 @@ gloo), else gloo, with a timeout on every collective (``FOD_DIST_TIMEOUT`` secon
 group for the CPU tensors and Python objects the pipeline exchanges (features, evaluation maps, messages).
 Without torchrun, or with one process, nothing is started and every helper here is the identity: the
 single-process path is the one it always was. The command line calls ``setup()``; a Python program launched by
-torchrun that calls ``fod.train.train`` or ``fod.evaluate.test`` itself calls ``setup()`` first (and
+torchrun that calls ``fod.train.train`` or ``fod.commands.test`` itself calls ``setup()`` first (and
 ``shutdown()`` at the end), else each process runs alone.
 
-What the pipeline does with it (``fod.train``, ``fod.evaluate``, ``fod.benchmark``):
+What the pipeline does with it (``fod.runner`` for training, ``fod.evaluate``, ``fod.benchmark``):
 
 - training: the global batch of N*b images (``--batch-size`` b per process) is the single-process batch of that
   size, in the same seeded order; ``batch_share`` gives each process its part, weighted so that

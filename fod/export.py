@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as C
+from .checkpoint import calibration_of
+from .checkpoint import load as load_checkpoint
 from .files import check_writable, open_for_write, tmp_name, write_temporary, writing
+from .version import __version__
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 18  # the lowest opset of torch's torch.export-based ONNX exporter
@@ -100,7 +102,7 @@ class ExportedFOD(nn.Module):
 
 def exportable(checkpoint) -> ExportedFOD:
     """The checkpoint's model as ExportedFOD: CPU, float32, eval mode, the reference kernel formulation."""
-    fod = C.load(checkpoint, "cpu", "reference")
+    fod = load_checkpoint(checkpoint, "cpu", "reference")
     fod.set_backend("reference")
     for m in fod.models.modules():  # value scans are skipped while tracing anyway; the eager check needs none
         if hasattr(m, "check_values"):
@@ -162,10 +164,9 @@ def run_exported(path, fmt: str, images: np.ndarray):
 
 
 def sidecar(model: ExportedFOD, fmt: str, file: Path, checkpoint, opset: Optional[int]) -> dict:
-    from . import __version__
     fod = model.fod
     pre, ck = fod.preprocess(), fod.checkpoint
-    cal = C.calibration_of(ck)
+    cal = calibration_of(ck)
     s = pre.image_size
     return {
         "format": EXPORT_FORMAT, "model_file": file.name, "model_format": fmt,

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import viz
 from .config import Config
 from .files import atomic_write_text, write_png, writing
+from .version import __version__
 
 COMPAT_WARNING = ("COMPAT-OFFICIAL PROTOCOL: the output projections are discarded and the model is selected on the "
                   "TEST set after every epoch; the best image AUROC and the best pixel AUROC may come from "
@@ -37,7 +38,6 @@ def versions(backend: str) -> dict:
     import scipy
     import timm
 
-    from . import __version__
     return {"fod": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__, "fod_kernels": fod_kernels.__version__,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as C
+from . import checkpoint
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -80,8 +80,8 @@ def upgrade(old, new, *, trust: bool = False, log=None) -> Path:
     if not old.is_file():
         raise FileNotFoundError(f"checkpoint not found: {old}")
     raw = old.read_bytes()
-    if raw.startswith(f"{C.CHECKPOINT_FORMAT} ".encode()):
-        raise ValueError(f"{old} is already a {C.CHECKPOINT_FORMAT} checkpoint: nothing to convert")
+    if raw.startswith(f"{checkpoint.CHECKPOINT_FORMAT} ".encode()):
+        raise ValueError(f"{old} is already a {checkpoint.CHECKPOINT_FORMAT} checkpoint: nothing to convert")
     if not (raw[:2] == b"PK" or raw[:1] == b"\x80"):
         raise ValueError(f"{old} is not a pickle (a torch.save file): there is nothing to convert")
     if new.exists() or new.is_symlink():
@@ -94,10 +94,10 @@ def upgrade(old, new, *, trust: bool = False, log=None) -> Path:
     try:
         ck = torch.load(old, map_location="cpu", weights_only=False)  # --trust: the user vouches for the file
     except Exception as exc:
-        raise C.CheckpointError(f"cannot read checkpoint {old}: it is truncated, damaged or not a PyTorch file "
-                                f"({C._first_line(exc)})") from None
+        raise checkpoint.CheckpointError(f"cannot read checkpoint {old}: it is truncated, damaged or not a PyTorch "
+                                         f"file ({checkpoint._first_line(exc)})") from None
     fmt = ck.get("format") if isinstance(ck, dict) else None
-    if fmt not in C.PICKLED_FORMATS:
+    if fmt not in checkpoint.PICKLED_FORMATS:
         return _weights(ck, old, new, log)
     if fmt == "fod-checkpoint-v2":
         try:
@@ -105,21 +105,22 @@ def upgrade(old, new, *, trust: bool = False, log=None) -> Path:
         except Exception:
             ok = False
         if not ok:
-            raise C.CheckpointError(f"checkpoint {old} is damaged: its content does not match its SHA-256 checksum")
+            raise checkpoint.CheckpointError(f"checkpoint {old} is damaged: its content does not match its SHA-256 "
+                                             "checksum")
     else:  # v1: trained with bilinear resizing and ImageNet normalisation
         ck["config"] = {"interpolation": "bilinear", **ck["config"]}
         ck.setdefault("preprocess", {"interpolation": "bilinear", "mean": IMAGENET_MEAN.tolist(),
                                      "std": IMAGENET_STD.tolist()})
-    ck["format"] = C.CHECKPOINT_FORMAT
+    ck["format"] = checkpoint.CHECKPOINT_FORMAT
     try:
-        C.write(ck, new)
+        checkpoint.write(ck, new)
     except TypeError as exc:
-        raise C.CheckpointError(f"{old} holds a value the current format cannot store ({exc})") from None
+        raise checkpoint.CheckpointError(f"{old} holds a value the current format cannot store ({exc})") from None
     try:
-        C.load_raw(new)  # the result reads back, with every check
+        checkpoint.load_raw(new)  # the result reads back, with every check
     except Exception:
         new.unlink()
         raise
     if log:
-        log(f"fod checkpoint: converted {old} ({fmt}) to {new} ({C.CHECKPOINT_FORMAT})")
+        log(f"fod checkpoint: converted {old} ({fmt}) to {new} ({checkpoint.CHECKPOINT_FORMAT})")
     return new

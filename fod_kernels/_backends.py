@@ -16,23 +16,27 @@ class Backend(NamedTuple):
     devices: tuple         # device types it runs on ("any": every device torch has)
     dtypes: str            # input dtypes, as the README states them
     auto: int | None       # preference of backend="auto" on its devices, 1 = first; None = never chosen
+    extended: bool         # takes a key_padding_mask and a memory of several images (S = m * L)
     summary: str
 
 
-# THE table of backends: BACKENDS, dispatch (get_runner), backend="auto" and the README's table
+# THE table of backends: BACKENDS, dispatch (get_runner), backend="auto", the backends that take masks and
+# a memory of several images (functional.EXTENDED_BACKENDS) and the backend table of the docs
 # (backend_table_markdown) all derive from it. "auto" tries the kernel backends of a device in the
 # order of their `auto` rank and falls back to "reference" (with a warning). The CUDA order (cuda
 # before triton) is a placeholder until GPU timings exist: a measured result changes it here, and
 # nowhere else.
 BACKEND_TABLE: tuple[Backend, ...] = (
-    Backend("reference", "fod_kernels.reference", ("any",), "any float dtype", None,
+    Backend("reference", "fod_kernels.reference", ("any",), "any float dtype", None, True,
             "pure PyTorch, materialises the L x L matrices; the float64 oracle of the tests"),
-    Backend("cpu", "fod_kernels.backend_cpu", ("cpu",), "float32, float64 (bfloat16/float16 computed in float32)", 1,
+    Backend("cpu", "fod_kernels.backend_cpu", ("cpu",), "float32, float64 (bfloat16/float16 computed in float32)",
+            1, True,
             "fused C++ kernels (csrc/cpu), OpenMP over (branch, batch, head, row block)"),
-    Backend("triton", "fod_kernels.backend_triton", ("cuda",), "float32, bfloat16, float16 (fp32 accumulation)", 2,
+    Backend("triton", "fod_kernels.backend_triton", ("cuda",), "float32, bfloat16, float16 (fp32 accumulation)",
+            2, True,
             "fused Triton kernels, FlashAttention-2 style (tensor cores for bf16/fp16/tf32); CPU tensors "
             "only under the Triton interpreter (tests)"),
-    Backend("cuda", "fod_kernels.backend_cuda", ("cuda",), "float32, bfloat16, float16 (fp32 accumulation)", 1,
+    Backend("cuda", "fod_kernels.backend_cuda", ("cuda",), "float32, bfloat16, float16 (fp32 accumulation)", 1, True,
             "fused CUDA C++ kernels (csrc/cuda), SIMT fp32"),
 )
 _TABLE = {b.name: b for b in BACKEND_TABLE}
@@ -49,13 +53,15 @@ def auto_order(device_type: str) -> tuple[str, ...]:
 def backend_table_markdown() -> str:
     """The backend table as Markdown (for the README; `python -c "import fod_kernels._backends as b;
     print(b.backend_table_markdown())"`)."""
-    lines = ["| backend | devices | dtypes | `auto` preference | what it is |", "|---|---|---|---|---|"]
+    lines = ["| backend | devices | dtypes | `auto` preference | masks, S != L | what it is |",
+             "|---|---|---|---|---|---|"]
     for b in BACKEND_TABLE:
         if b.auto is None:
             pref = "fallback" if b.name == "reference" else "never"
         else:
             pref = ", ".join(f"{dev}: {auto_order(dev).index(b.name) + 1}" for dev in b.devices)
-        lines.append(f"| `{b.name}` | {', '.join(b.devices)} | {b.dtypes} | {pref} | {b.summary} |")
+        lines.append(f"| `{b.name}` | {', '.join(b.devices)} | {b.dtypes} | {pref} | {'yes' if b.extended else 'no'} "
+                     f"| {b.summary} |")
     return "\n".join(lines)
 
 

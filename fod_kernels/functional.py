@@ -6,13 +6,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._backends import get_runner, resolve_backend_name
+from ._backends import BACKEND_TABLE, get_runner, resolve_backend_name
 from ._custom_op import stats_dtype
 from ._validate import check_branch, check_finite_result, check_scalars, scans_enabled
 from .reference import correlation_reference
 
-# Backends that take a key_padding_mask and a memory of several images (S = m * L): all of them.
-EXTENDED_BACKENDS = ("reference", "cpu", "triton", "cuda")
+# Backends that take a key_padding_mask and a memory of several images (S = m * L): the table's column.
+EXTENDED_BACKENDS = tuple(b.name for b in BACKEND_TABLE if b.extended)
 
 
 class CorrelationStats(NamedTuple):

@@ -159,3 +159,12 @@ def opcheck_strided(run, B=2, H=2, grid=(3, 5), D=16, dtype=torch.float32, devic
     g_outs = [bhld(torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dtype)) for _ in brs]
     bwd_args = (g_outs, rowv(), rowv(), rowv(), rowv(), qs, ks, vs, sigmas, rowv(), *grid, D ** -0.5, 1e-4, masks)
     torch.library.opcheck(run.bwd_op, (run.name, *bwd_args), test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- the pipeline tests
+
+# The tiny FOD of the pipeline tests (tests/fod): a random resnet18's layer1+layer2 at 32 px, width 16, one
+# layer, the reference backend on the CPU. Modules add what is particular to them (epochs, heat maps).
+TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
+        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
+        "--backend", "reference", "--device", "cpu"]

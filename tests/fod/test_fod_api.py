@@ -15,6 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+import helpers
+
 from fod import checkpoint as C
 from fod import Detector
 from fod import calibrate as CAL
@@ -23,9 +25,7 @@ from fod.config import Config
 from fod.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--epochs", "1"]
+TINY = [*helpers.TINY, "--epochs", "1"]
 TINY_KW = dict(backbone="resnet18", levels=["layer1", "layer2"], pretrained=False, image_size=32, d_model=[16, 16],
                n_heads=2, n_layers=1, batch_size=4, lr=1e-3, backend="reference", epochs=1)
 
@@ -137,17 +137,13 @@ def test_plan_precedence(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("syn") / "cat", size=32, n_train=10, n_test_good=3,
-                        n_test_defect=1, seed=0)
+def data(category):
+    return category(n_test_good=3)
 
 
 @pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
-        assert main(["train", "--data", str(data), "--output", str(out), *TINY, "--val-fraction", "0.3"]) == 0
-    return out
+def run(data, trained):
+    return trained(data, "--epochs", "1", "--val-fraction", "0.3")
 
 
 def test_held_out_images_calibrate_and_neither_train_nor_build_the_memory(data, run):
@@ -347,10 +343,10 @@ def test_fit_without_output_and_save(data, tmp_path):
         Detector.fit(data, epoch=3)
 
 
-def test_readme_python_api_example_runs(tmp_path):
-    """The README's "Python API" example, as written, in a fresh process (working folder: a temporary one)."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Python API"):]
+def test_docs_python_api_example_runs(tmp_path):
+    """docs/pipeline.md's "Python API" example, as written, in a fresh process (working folder: a temporary one)."""
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    section = text[text.index("## Python API"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)

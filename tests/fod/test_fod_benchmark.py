@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import helpers
+
 from fod import baselines as BL
 from fod import calibrate as CAL
 from fod import benchmark as B
@@ -28,9 +30,7 @@ from fod.synthetic import make_dataset
 from fod_kernels import I2Correlation, correlation_reference
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--heatmaps", "0"]
+TINY = [*helpers.TINY, "--heatmaps", "0"]
 NAMES = ["knn", "memory_distance", "rec", "inter", "rec_x_inter"]
 
 

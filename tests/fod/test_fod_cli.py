@@ -5,20 +5,17 @@ import os
 import pytest
 import torch
 
+import helpers
+
 from fod import checkpoint as C
 from fod.cli import build_parser, main
-from fod.synthetic import make_dataset
 
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu"]
+TINY = helpers.TINY
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    # 7 training images with batch 4: the last batch is short
-    return make_dataset(tmp_path_factory.mktemp("syn") / "cat", size=32, n_train=7, n_test_good=2,
-                        n_test_defect=1, seed=0)
+def data(category):
+    return category(n_train=7)  # 7 training images with batch 4: the last batch is short
 
 
 def _train(data, out, *extra):

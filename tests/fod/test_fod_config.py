@@ -7,14 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import helpers
+
 from fod import checkpoint as C
 from fod import config as CF
 from fod.cli import build_parser, main, resolve_config
 from fod.synthetic import make_dataset
 
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--heatmaps", "0"]
+TINY = [*helpers.TINY, "--heatmaps", "0"]
 
 
 def _value(name):

@@ -130,11 +130,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(category):
     # 10 training images: 1 held out to calibrate (--val-fraction 0.1), 9 train: 3 steps of 4 per epoch, so the
     # fault at step 5 falls in epoch 2
-    return make_dataset(tmp_path_factory.mktemp("dist") / "cat", size=48, n_train=10, n_test_good=3,
-                        n_test_defect=2, seed=0)
+    return category(size=48, n_test_good=3, n_test_defect=2)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+import helpers
+
 from fod import checkpoint as C
 from fod import export as E
 from fod import metrics as M
 from fod.cli import main
-from fod.synthetic import make_dataset
 from fod_kernels import available_backends
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--epochs", "1"]
+TINY = [*helpers.TINY, "--epochs", "1"]
 NO_ORT = "onnxruntime is not installed (tools/setup.sh installs it: pip install onnxruntime onnx onnxscript)"
 
 
@@ -50,17 +49,13 @@ def test_gaussian_filter_helpers():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("syn") / "cat", size=40, n_train=10, n_test_good=2,
-                        n_test_defect=1, seed=3)  # 40 px images: resized to 32 (not only cropped)
+def data(category):
+    return category(size=40, seed=3)  # 40 px images: resized to 32 (not only cropped)
 
 
 @pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
-        assert main(["train", "--data", str(data), "--output", str(out), *TINY, "--val-fraction", "0.3"]) == 0
-    return out
+def run(data, trained):
+    return trained(data, "--epochs", "1", "--val-fraction", "0.3")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +103,7 @@ import torch
 from PIL import Image
 
 cfg = json.load(open(sys.argv[1]))
-exec(cfg["readme_preprocess"])  # the README's preprocess(path, meta)
+exec(cfg["readme_preprocess"])  # docs/deployment.md's preprocess(path, meta)
 out = {}
 for fmt, path in cfg["files"].items():
     meta = json.load(open(path + ".json"))
@@ -132,8 +127,8 @@ json.dump(out, open(sys.argv[2], "w"))
 
 
 def _readme_preprocess() -> str:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(import json\n.*?)```", text[text.index("### Export"):], re.S).group(1)
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    block = re.search(r"```python\n(import json\n.*?)```", text[text.index("## Export"):], re.S).group(1)
     return block[block.index("def preprocess"):block.index("\n\n\nmeta =")]
 
 
@@ -159,7 +154,7 @@ def test_exported_models_run_without_fod_and_reproduce_predict(run, predicted, e
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["modules"] == []
-    assert out["preprocess_max_abs_err"] <= 1e-6  # the README's preprocessing is fod's
+    assert out["preprocess_max_abs_err"] <= 1e-6  # docs/deployment.md's preprocessing is fod's
     want_maps = np.stack([maps[scores_json["images"][p]["map_key"]] for p in imgs])
     want_scores = np.array([scores_json["images"][p]["score"] for p in imgs])
     want_anom = [scores_json["images"][p]["anomalous"] for p in imgs]

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from fod import checkpoint as C
 from fod import files
 from fod import safeformat as SF
 from fod.cli import main
 from fod.synthetic import make_dataset
 
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--heatmaps", "0"]
+TINY = [*helpers.TINY, "--heatmaps", "0"]
 
 
 def _main(*argv):
@@ -42,10 +42,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    # 6 training images with batch 4: two steps per epoch, the second short
-    return make_dataset(tmp_path_factory.mktemp("faults") / "cat", size=32, n_train=6, n_test_good=2,
-                        n_test_defect=1, seed=0)
+def data(category):
+    return category(n_train=6)  # 6 training images with batch 4: two steps per epoch, the second short
 
 
 @pytest.fixture(scope="module")

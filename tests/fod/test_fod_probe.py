@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
+
 from fod import files
 from fod.cli import main
-from fod.synthetic import make_dataset
 
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--heatmaps", "0"]
+TINY = [*helpers.TINY, "--heatmaps", "0"]
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,9 +40,8 @@ def _one_error_line(capsys, command):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("probe") / "cat", size=32, n_train=6, n_test_good=2,
-                        n_test_defect=1, seed=0)
+def data(category):
+    return category(n_train=6)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +201,7 @@ def _fill_disk_at(monkeypatch, predicate, **kw):
         f = real(path)
         return _FullDisk(f, **kw) if predicate(Path(path)) else f
     monkeypatch.setattr(files, "open_for_write", opener)
-    for mod in ("fod.export", "fod.evaluate"):  # the modules that imported it by name
+    for mod in ("fod.export", "fod.commands"):  # the modules that imported it by name
         monkeypatch.setattr(f"{mod}.open_for_write", opener)
 
 

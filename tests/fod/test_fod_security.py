@@ -10,16 +10,15 @@ import warnings
 import pytest
 import torch
 
+import helpers
+
 from fod import Detector
 from fod import checkpoint as C
 from fod import safeformat as SF
 from fod.cli import main
-from fod.synthetic import make_dataset
 from fod.upgrade import upgrade, v2_digest
 
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--heatmaps", "0"]
+TINY = [*helpers.TINY, "--heatmaps", "0"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,10 +30,8 @@ def _main(*argv):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sec")
-    make_dataset(base / "root" / "cat", size=32, n_train=6, n_test_good=2, n_test_defect=1, seed=0)
-    return base / "root"
+def root(category):
+    return category(n_train=6).parent  # a dataset root holding one category, cat
 
 
 @pytest.fixture(scope="module")

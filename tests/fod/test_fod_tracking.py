@@ -15,6 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import helpers
+
 import fod.train as TR
 from fod import tracking as T
 from fod.cli import main
@@ -27,9 +29,7 @@ EventAccumulator = pytest.importorskip(
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--backbone", "resnet18", "--levels", "layer1,layer2", "--no-pretrained", "--image-size", "32",
-        "--d-model", "16,16", "--heads", "2", "--layers", "1", "--batch-size", "4", "--lr", "1e-3",
-        "--backend", "reference", "--device", "cpu", "--heatmaps", "0"]
+TINY = [*helpers.TINY, "--heatmaps", "0"]
 # 8 training images, 1 held out for the calibration: 7 train in batches of 4 and 3, two steps per epoch
 SPE = 2
 TERMS = ("loss", "rec", "k_intra", "k_inter", "e_intra", "e_inter")
@@ -38,9 +38,8 @@ TEST_TAGS = {f"test/{k}" for k in ("image_auroc", "pixel_auroc", "aupro", "eval_
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("syn") / "cat", size=32, n_train=8, n_test_good=2,
-                        n_test_defect=1, seed=0)
+def data(category):
+    return category(n_train=8)
 
 
 def _main(*args) -> int:

@@ -52,11 +52,21 @@ def test_readme_table_renders_every_backend():
     assert "| cuda: 2 |" in lines[2 + fk.BACKENDS.index("triton")]
 
 
-def test_readme_carries_the_generated_table():
-    """The README's backend table is backend_table_markdown()'s output, verbatim (regenerate it when the table
-    changes)."""
-    readme = (ROOT / "README.md").read_text()
-    assert _backends.backend_table_markdown().rstrip("\n") in readme
+def test_docs_carry_the_generated_table():
+    """docs/operator.md's backend table is backend_table_markdown()'s output, verbatim (regenerate it when the
+    table changes)."""
+    doc = (ROOT / "docs" / "operator.md").read_text()
+    assert _backends.backend_table_markdown().rstrip("\n") in doc
+
+
+def test_readme_operator_example_runs():
+    """The README's operator example, as written (its first python block)."""
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "fk.i2correlation" in code and "fk.I2Correlation" in code
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["h"].shape == scope["x"].shape and torch.isfinite(scope["h"]).all()
 
 
 def test_one_list_of_extension_sources():
@@ -80,3 +90,12 @@ def test_cuda_arch_flags_emit_ptx_for_the_newest(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6 9.0a+PTX")
     assert _build_flags.cuda_arch_flags()[-2:] == ["-gencode", "arch=compute_90,code=compute_90"]
     assert "arch=compute_90a,code=sm_90a" in _build_flags.cuda_arch_flags()
+
+
+def test_mask_and_memory_support_is_a_column_of_the_table():
+    from fod_kernels import functional
+    assert functional.EXTENDED_BACKENDS == tuple(b.name for b in _backends.BACKEND_TABLE if b.extended)
+    md = _backends.backend_table_markdown().splitlines()
+    assert "masks, S != L" in md[0]
+    for b, line in zip(_backends.BACKEND_TABLE, md[2:]):
+        assert f"| {'yes' if b.extended else 'no'} |" in line

@@ -1,7 +1,7 @@
 """key_padding_mask and a memory of m reference images (S = m * L): the reference backend against an
 independent explicit float64 computation, properties that tie them to the unmasked single-image operator,
 and that every backend takes them. The kernels' own property tests against the reference are in
-test_mask_memory_kernels.py (the cuda kernels' simulation: test_cuda.py)."""
+test_mask_memory_kernels.py (the cuda kernels' simulation: test_cuda_sim.py)."""
 import math
 import re
 

@@ -112,7 +112,7 @@ def test_triton_masked_multi_image_matches_reference(grid, B, H, m, shared, mask
 @example(grid=(3, 4), B=2, H=2, m=2, shared=True, mask_kind="per_batch", eps=0.0, low=False, sigma=(0.1, 2.0), seed=0)
 @example(grid=(2, 6), B=2, H=1, m=3, shared=False, mask_kind="shared", eps=1e-4, low=True, sigma=(1e-5, 2.0), seed=1)
 def test_cuda_masked_multi_image_matches_reference(grid, B, H, m, shared, mask_kind, eps, low, sigma, seed):
-    """On a GPU (without one, test_cuda.py runs the same kernels through their CPU simulation)."""
+    """On a GPU (without one, test_cuda_sim.py runs the same kernels through their CPU simulation)."""
     _case("cuda", grid, B, H, m, shared, mask_kind, eps, low, sigma, seed)
 
 

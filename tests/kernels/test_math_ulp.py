@@ -13,7 +13,7 @@ torch.utils.cpp_extension.load and called with ctypes:
   -O3, -fopenmp and the variant's instruction set: none, AVX2+FMA, AVX-512). Besides the scalar
   exp_poly/log_poly, fast_exp<float>/fast_log<float> are called inside a `#pragma omp simd` loop, as the CPU
   kernels call them, so the vectorised code is what is measured.
-- "sim": the header as the CUDA kernels include it in the CPU simulation of tests/kernels/test_cuda.py
+- "sim": the header as the CUDA kernels include it in the CPU simulation of tests/kernels/test_cuda_sim.py
   (after csrc/cuda/sim_cpu.cuh, with that test's flags -O1 -pthread). Honestly: this is the *host* path.
   The simulation compiles i2corr_cuda.cu as plain C++, so neither __CUDACC__ nor __CUDA_ARCH__ is defined
   and fast_exp<float>/fast_log<float> are the same polynomials exp_poly/log_poly, compiled without FMA
@@ -77,7 +77,7 @@ def _cpu_builds():
 
 BUILDS = {
     **_cpu_builds(),
-    "sim": ('#include "cuda/sim_cpu.cuh"', ["-O1", "-pthread"]),  # as tests/kernels/test_cuda.py builds the simulation
+    "sim": ('#include "cuda/sim_cpu.cuh"', ["-O1", "-pthread"]),  # as test_cuda_sim.py builds the simulation
 }
 
 

@@ -5,7 +5,7 @@ argument the pointer derives from (tests/kernels/triton_memcheck.py), over the l
 matter: batch-shared (Bk = 1) and per-image (Bk = B) memories, one branch or two fused branches of
 either kind, grids that are no tile multiple, padded head dims, with and without statistics, forward
 and backward, contiguous and strided (B, L, H, D)-layout inputs. Shapes are tiny: the interpreter is slow.
-The CUDA kernels get the same check in their CPU simulation (tests/kernels/test_cuda.py).
+The CUDA kernels get the same check in their CPU simulation (tests/kernels/test_cuda_sim.py).
 """
 import pytest
 import torch

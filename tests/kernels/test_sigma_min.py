@@ -3,7 +3,7 @@
 Every backend reads max(sigma, SIGMA_MIN) and gives dsigma = 0 where sigma < SIGMA_MIN, the gradient of
 torch.clamp_min, as the reference's sigma.clamp_min(SIGMA_MIN). sigma = 0 (allowed with check_values=False)
 made the kernels NaN before they clamped (0.5 / sigma^2 = inf). The CUDA kernels get the same test through
-their CPU simulation in test_cuda.py (test_sim_sigma_below_minimum).
+their CPU simulation in test_cuda_sim.py (test_sim_sigma_below_minimum).
 """
 import pytest
 import torch

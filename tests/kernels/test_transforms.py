@@ -1,5 +1,5 @@
 """PyTorch transforms through the operator: each one is exact (against the reference backend) or refused
-with an error naming backend="reference" -- never a silent wrong result. These tests make the README's
+with an error naming backend="reference" -- never a silent wrong result. These tests make docs/operator.md's
 table "which transforms each backend supports" true. The GPU backends (cuda, triton) share the wrapper of
 fod_kernels/_custom_op.py with the cpu backend, so their cells follow from the cpu rows; triton also runs
 a few of them here under its interpreter."""

@@ -2,7 +2,7 @@
 
 Each mutant is one plausible bug: `old` must occur exactly once in `file` (the runner refuses a stale mutant
 rather than testing nothing). `build`: "cpu" rebuilds the CPU extension in the temporary copy; "none" needs no
-build (the CUDA simulation in tests/kernels/test_cuda.py and tests/kernels/test_math_ulp.py compile the sources
+build (the CUDA simulation in tests/kernels/test_cuda_sim.py and tests/kernels/test_math_ulp.py compile the sources
 themselves). `groups`: the test groups of run_cpp_mutants.GROUPS that are relevant, cheapest first.
 
 A mutant that survives must be killed by a test or carry `harmless=` with the argument why no result changes.

@@ -39,7 +39,7 @@ SETS = {"cpp": cpp_mutants.MUTANTS, "recipe": recipe_mutants.MUTANTS}
 GROUPS = {  # name -> pytest arguments (paths relative to the repository root)
     "cpu": ["tests/kernels/test_cpu.py"],
     "api": ["tests/kernels/test_api.py", "tests/fod/test_fod_model.py"],
-    "sim": ["tests/kernels/test_cuda.py", "-k", "sim"],
+    "sim": ["tests/kernels/test_cuda_sim.py"],
     "fod": ["tests/fod", "--ignore=tests/fod/test_fod_pins.py"],
     "ulp": ["tests/kernels/test_math_ulp.py"],
     "pins": ["tests/fod/test_fod_pins.py"],

@@ -1,5 +1,6 @@
-"""The FOD model (docs/I2CORRELATION.md section 5): one reconstruction transformer per feature level,
-the loss, the token scores, and the ``FOD`` bundle (backbone + level models + reference memories).
+"""The torch model (docs/I2CORRELATION.md section 5): one reconstruction transformer per feature level
+(``LevelModel``) and the ``FOD`` bundle (backbone + level models + reference memories). The loss is in
+``fod.model.loss``, the token scores in ``fod.model.anomaly_map``, the reference memory in ``fod.model.memory``.
 
 Tokens: the backbone's (C, Hg, Wg) feature map flattened row-major to
 (L = Hg*Wg, C). Both the image tokens and the reference memory are embedded by
@@ -27,12 +28,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from fod_kernels import I2Correlation
 
-from .backbone import Backbone
-from .config import Config
+from ..backbone import Backbone
+from ..config import Config
+from ..data import Preprocess
+from .anomaly_map import SCORES, inter_score, intra_score, rec_score, token_scores
 
 
 def sincos_2d(d_model: int, rows: int, cols: int) -> torch.Tensor:
@@ -131,82 +133,6 @@ def default_d_model(L: int) -> int:
     return 256 if L >= 1024 else 512
 
 
-def reconstruction_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """MSE(out, x) + mean(1 - cos(out, x)), cosine over channels."""
-    return torch.mean((out - x) ** 2) + torch.mean(1 - torch.cosine_similarity(out, x, dim=-1))
-
-
-def _mean_stat(stats, field):
-    return torch.stack([getattr(s, field).mean() for s in stats]).mean()
-
-
-def fod_loss(out, x, intra, inter, lambda1: float = 0.5, lambda2: float = 0.5):
-    """The official two-backward minimax as ONE scalar (spec sections 2 and 5).
-
-    loss1 (sigma only) + loss2 (q, k only) =
-    2 rec + l1 K_intra|prior - l1 K_inter|prior - l1 K_intra|attn - l2 E_intra + l1 K_inter|attn + l2 E_inter,
-    with K, E averaged over layers, heads, batch and tokens. Returns (loss, parts dict of floats).
-    A branch that is not trained (its stats None) drops its terms, as the official code's with_intra /
-    with_inter; with neither, the official code takes one backward of rec: the loss is rec, and the
-    parts of a missing branch are NaN.
-    """
-    rec = reconstruction_loss(out, x)
-    nan = torch.tensor(float("nan"))
-    parts = {"rec": rec.detach(), "k_intra": nan, "k_inter": nan, "e_intra": nan, "e_inter": nan}
-    if intra is None and inter is None:
-        return rec, parts
-    loss = 2 * rec
-    if intra is not None:
-        ki_a, ki_p, ei = (_mean_stat(intra, f) for f in ("kl_attn", "kl_prior", "entropy"))
-        loss = loss + lambda1 * ki_p - lambda1 * ki_a - lambda2 * ei
-        parts["k_intra"], parts["e_intra"] = ki_a.detach(), ei.detach()
-    if inter is not None:
-        ke_a, ke_p, ee = (_mean_stat(inter, f) for f in ("kl_attn", "kl_prior", "entropy"))
-        loss = loss - lambda1 * ke_p + lambda1 * ke_a + lambda2 * ee
-        parts["k_inter"], parts["e_inter"] = ke_a.detach(), ee.detach()
-    return loss, parts
-
-
-def rec_score(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, L): mean_c (out - x)^2 + 1 - cos(out, x)."""
-    return torch.mean((out - x) ** 2, dim=-1) + 1 - torch.cosine_similarity(out, x, dim=-1)
-
-
-def _softmax_neg_k(stats) -> torch.Tensor:
-    k = torch.stack([s.kl_attn for s in stats]).mean(dim=(0, 2))  # mean over layers and heads -> (B, L)
-    return torch.softmax(-k, dim=-1)
-
-
-def inter_score(inter) -> torch.Tensor:
-    """(B, L): max - softmax over the tokens of -K_inter (high where the image departs from the memory)."""
-    att = _softmax_neg_k(inter)
-    return att.max(dim=-1, keepdim=True).values - att
-
-
-def intra_score(intra) -> torch.Tensor:
-    """(B, L): softmax over the tokens of -K_intra (the official code's score without the inter branch)."""
-    return _softmax_neg_k(intra)
-
-
-def token_scores(out: torch.Tensor, x: torch.Tensor, inter, intra=None) -> torch.Tensor:
-    """Per-token anomaly score (B, L): rec_score * inter_score (spec section 5); without inter stats,
-    rec_score * intra_score if intra stats are given, else rec_score alone."""
-    rec = rec_score(out, x)
-    if inter is not None:
-        return rec * inter_score(inter)
-    if intra is not None:
-        return rec * intra_score(intra)
-    return rec
-
-
-SCORES = {("intra", "inter"): "rec x inter: rec_score * (max - softmax_L(-K_inter))",
-          ("inter",): "rec x inter: rec_score * (max - softmax_L(-K_inter)) (no intra branch)",
-          ("intra",): "rec x intra: rec_score * softmax_L(-K_intra) (no inter branch; the official code's score)",
-          (): "rec only: rec_score (neither branch)"}
-
-
-# ----------------------------------------------------------------------------- the model bundle
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete kernel backend for ``backend`` ("auto" included) on ``device``; raises if it cannot run."""
     from fod_kernels._backends import resolve_backend as _resolve
@@ -238,7 +164,6 @@ class FOD(nn.Module):
 
     def preprocess(self):
         """The image preprocessing this model was trained with (size, resize, interpolation, normalisation)."""
-        from .data import Preprocess
         c = self.cfg
         return Preprocess(c.image_size, c.resize, c.interpolation, self.backbone.mean, self.backbone.std)
 
@@ -291,39 +216,3 @@ class FOD(nn.Module):
         """(B, S, S) anomaly maps: per level the token score (rec_score * inter_score), upsampled, averaged."""
         parts = self.score_parts(self.tokens(images), amp)
         return self.upsample_mean([p["score"] for p in parts], images.shape[-2:])
-
-
-def loader(ds, cfg: Config, batch_size: int):
-    """The evaluation-order (unshuffled) DataLoader of a dataset."""
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=cfg.num_workers)
-
-
-@torch.no_grad()
-def extract_features(fod: FOD, ds, cfg: Config, device: str, desc: str) -> list[torch.Tensor]:
-    """The tokens of every image of ``ds``, per level: [(N, L, C)] on the CPU."""
-    feats = None
-    for batch in tqdm(loader(ds, cfg, cfg.batch_size), desc=desc, unit="batch", leave=False):
-        toks = [t.cpu() for t in fod.tokens(batch["image"].to(device))]
-        feats = [[t] for t in toks] if feats is None else [f + [t] for f, t in zip(feats, toks)]
-    return [torch.cat(f) for f in feats]
-
-
-@torch.no_grad()
-def reference_memory(fod: FOD, ds, cfg: Config, device: str, cached=None, reduce=None) -> list[torch.Tensor]:
-    """Per-position mean of the training features per level: [(L, C)].
-
-    ``reduce(sums, count) -> (sums, count)`` (several processes: ``ds`` or ``cached`` is this process's
-    shard) sums the per-level sums and the image counts over the processes before the division."""
-    if cached is not None and reduce is None:
-        return [f.mean(0) for f in cached]
-    sums, n = None, 0
-    if cached is not None:
-        sums, n = [f.sum(0) for f in cached], cached[0].shape[0]
-    else:
-        for batch in tqdm(loader(ds, cfg, cfg.batch_size), desc="memory", unit="batch", leave=False):
-            toks = fod.tokens(batch["image"].to(device))
-            sums = [t.sum(0) for t in toks] if sums is None else [s + t.sum(0) for s, t in zip(sums, toks)]
-            n += toks[0].shape[0]
-    if reduce is not None:
-        sums, n = reduce(sums, n)
-    return [(s / n).cpu() for s in sums]
