@@ -190,6 +190,10 @@ def demo(cfg: Config, output, *, train_images: int = 66, overwrite: bool = False
                               "results, or choose another --output")
     if data.exists():
         demo_files(data)  # refuses if data/ holds files the demo did not write
+    for sub, command in (("run", "train"), ("predict", "predict")):  # their folders' checks, before any work
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise FileExistsError(f"--output {out / sub} exists and is not a folder")
+        OutputFolder(out / sub, command, overwrite=overwrite).check()
     t0 = time.perf_counter()
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from torch import nn
 
 from .checkpoint import calibration_of
 from .checkpoint import load as load_checkpoint
-from .files import check_writable, open_for_write, tmp_name, write_temporary, writing
+from .files import MANIFEST, PRODUCTS, check_writable, open_for_write, tmp_name, write_temporary, writing
 from .version import __version__
 
 FORMATS = ("onnx", "torchscript")
@@ -210,6 +210,10 @@ def export(checkpoint, fmt: str, output, *, opset: int = ONNX_OPSET, overwrite: 
     side = out.with_name(out.name + ".json")
     if out.is_dir():
         raise IsADirectoryError(f"--output {out} is a folder; give the file to write, e.g. {out}/model.{fmt}")
+    if any(p.exists() and p.resolve() == Path(checkpoint).resolve() for p in (out, side)):
+        raise ValueError(f"--output {out} would replace the checkpoint it exports; choose another --output")
+    if out.parent.joinpath(MANIFEST).exists() and any(out.name in names for names in PRODUCTS.values()):
+        raise ValueError(f"--output {out} is a result of the fod run in {out.parent}; choose another file name")
     existing = [str(p) for p in (out, side) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose another "

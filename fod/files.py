@@ -33,6 +33,7 @@ TMP_MARK = ".tmp"  # temporary files are NAME.tmp-PID-RANDOM (and NAME.tmp from 
 # A run's logs (fod.tracking): products of train and test, moved into place and replaced as the others are, but
 # not results: a folder holding only the logs of a run killed before its first checkpoint takes a fresh run.
 LOGS = ("log.csv", "tensorboard")
+FOLDERS = ("heatmaps", "masks", "tensorboard")  # products that are folders
 EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files, the only files fod writes into tensorboard/
 # What each command writes into its output folder, and the file that marks a folder as that command's.
 PRODUCTS = {
@@ -295,7 +296,22 @@ class OutputFolder:
                 and not (self.path / "checkpoint.pt").exists():
             raise FileExistsError(f"{self.path} holds the results of fod test (metrics.json without a "
                                   "checkpoint.pt); choose another --output")
+        if self.command == "predict" and (self.path / "metrics.json").exists():
+            raise FileExistsError(f"{self.path} holds the results of fod test or train (metrics.json); choose another "
+                                  "--output")
+        not_dirs = [p for p in self.products if p in FOLDERS and (self.path / p).exists()
+                    and not ((self.path / p).is_dir() and not (self.path / p).is_symlink())]
+        if not_dirs:
+            raise FileExistsError(f"{self.path} holds {', '.join(not_dirs)}, which is not a folder; fod {self.command} "
+                                  "writes a folder of that name there: move it, or choose another --output")
         existing = self.existing()
+        # logs fod did not write (no manifest names them) are a user's, unless they sit beside this command's own
+        # results (a run of a fod version that kept no manifest)
+        foreign = [n for n in LOGS if n in self.products and (self.path / n).exists() and n not in self._manifest()
+                   and not any(r.startswith(n + "/") for r in self._manifest())]
+        if foreign and not existing:
+            raise FileExistsError(f"{self.path} holds {', '.join(foreign)}, which fod did not write (not in "
+                                  f"{MANIFEST}) and would replace: move them, or choose another --output")
         if existing and not (self.overwrite or self.resume):
             hint = "pass --resume to continue that run, --overwrite to replace it" if self.command == "train" \
                 else "pass --overwrite to replace them"
@@ -363,6 +379,12 @@ class OutputFolder:
         atomic_write_text(self.path / MANIFEST, json.dumps({"command": self.command, "files": sorted(files)},
                                                            indent=1))
 
+    def write_in_place(self, names):
+        """This run writes ``names`` directly into the folder (not staged): the manifest names them before they
+        are written, so that a run killed before its commit leaves files fod knows as its own."""
+        self.in_place = set(names)
+        self._write_manifest(self._manifest() | self.in_place)
+
     def _in_place_files(self) -> set[str]:
         """The products this run wrote in place, as manifest entries: a folder (tensorboard/) by its files, so
         that a later --overwrite removes them and leaves a user's file there alone."""
@@ -403,7 +425,10 @@ class OutputFolder:
                 continue  # written in place by this run (train's checkpoint, its live logs)
             if (self.stage / name).is_dir() or (name not in made and target.is_dir() and not target.is_symlink()):
                 (trash / name).mkdir()
-                for rel in sorted(r for r in prev if r.startswith(name + "/")):
+                owned = {r for r in prev if r.startswith(name + "/")}
+                if name == LOGS[1] and name in prev and target.is_dir():  # a folder fod claimed whole (a killed run)
+                    owned |= {f"{name}/{f.name}" for f in target.glob(EVENTS_GLOB)}
+                for rel in sorted(owned):
                     if (self.path / rel).is_file() and not (self.path / rel).is_symlink():
                         os.replace(self.path / rel, trash / rel)
                 if name in made:

@@ -284,7 +284,7 @@ class _Fit:
         self.replacing, self.path = o.replacing, o.path
         run_dir = o.stage if self.replacing else o.path  # where checkpoint.pt and config.toml go during training
         if not self.replacing:
-            o.in_place = {"checkpoint.pt", "config.toml", *LOGS}
+            o.write_in_place({"checkpoint.pt", "config.toml", *LOGS})
         self.run_dir, self.ck_file = run_dir, run_dir / "checkpoint.pt"
         mine = runner.shard(run.fit_ds)  # several processes: each extracts the features of its shard
         cached = extract_features(fod, mine, cfg, device, "features") if cfg.cache_features else None

@@ -126,6 +126,73 @@ def test_train_and_test_overwrite_keep_a_users_file_in_heatmaps(data, tmp_path):
         assert len(list((out / "heatmaps").glob("*.png"))) == 1, command
 
 
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["train", "test"])
+@pytest.mark.parametrize("mine", ["log.csv", "tensorboard/events.out.tfevents.1700000000.host.1.0", "tensorboard"])
+def test_a_users_log_or_a_file_where_a_folder_goes_is_refused_before_any_work(data, ck, tmp_path, capsys, command,
+                                                                             mine):
+    """A review found: a user's log.csv replaced without --overwrite, a user's event file claimed as fod's (and
+    removed by the next --overwrite), and a file named tensorboard failing only after the whole evaluation."""
+    out = tmp_path / "out"
+    (out / mine).parent.mkdir(parents=True, exist_ok=True)
+    (out / mine).write_text("mine")
+    before = _snapshot(out)
+    argv = (["train", "--data", data, "--output", out, *TINY, "--epochs", "1"] if command == "train" else
+            ["test", "--data", data, "--checkpoint", ck, "--output", out, "--heatmaps", "0"])
+    assert _main(*argv) == 2
+    assert Path(mine).parts[0] in _one_error_line(capsys, command)
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [Path(mine).parts[0]]
+
+
+def test_overwrite_after_a_killed_run_removes_its_events(data, tmp_path, monkeypatch):
+    """The event files of a run killed before its first commit are fod's (the manifest names the folder from the
+    start): a later --overwrite replaces them with its own instead of leaving two runs' curves."""
+    out = tmp_path / "run"
+    assert _main("train", "--data", data, "--output", out, *TINY, "--epochs", "1") == 0
+    events = sorted((out / "tensorboard").glob(files.EVENTS_GLOB))
+    (out / files.MANIFEST).unlink()  # as a run killed before its commit left it, but with its claim below
+    files.OutputFolder(out, "train").write_in_place({"checkpoint.pt", "config.toml", *files.LOGS})
+    (out / "checkpoint.pt").unlink()
+    (out / "metrics.json").unlink()
+    assert _main("train", "--data", data, "--output", out, *TINY, "--epochs", "1", "--overwrite") == 0
+    after = sorted((out / "tensorboard").glob(files.EVENTS_GLOB))
+    assert len(after) == 1 and after[0] not in events
+
+
+def test_export_never_replaces_its_checkpoint_or_a_runs_result(ck, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ck.parent, run)
+    before = _snapshot(run)
+    assert _main("export", "--checkpoint", run / "checkpoint.pt", "--format", "torchscript", "--output",
+                 run / "checkpoint.pt", "--overwrite") == 2
+    assert "would replace the checkpoint it exports" in _one_error_line(capsys, "export")
+    assert _main("export", "--checkpoint", run / "checkpoint.pt", "--format", "torchscript", "--output",
+                 run / "metrics.json", "--overwrite") == 2
+    assert "is a result of the fod run" in _one_error_line(capsys, "export")
+    assert _snapshot(run) == before
+
+
+def test_predict_refuses_a_test_results_folder(data, ck, tmp_path, capsys):
+    out = tmp_path / "t"
+    assert _main("test", "--data", data, "--checkpoint", ck, "--output", out, "--heatmaps", "0") == 0
+    before = _snapshot(out)
+    assert _main("predict", "--checkpoint", ck, *_images(data, 1), "--output", out) == 2
+    assert "metrics.json" in _one_error_line(capsys, "predict")
+    assert _snapshot(out) == before
+
+
+def test_demo_checks_its_predict_folder_before_writing_anything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "predict").write_text("mine")
+    assert _main("demo", "--output", out, "--overwrite") == 2
+    assert "predict" in _one_error_line(capsys, "demo")
+    assert sorted(p.name for p in out.iterdir()) == ["predict"]
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 def _leftovers(folder):
