@@ -358,6 +358,9 @@ class OutputFolder:
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
+            manifest = self.path / MANIFEST
+            if self.created and manifest.is_file() and [p.name for p in self.path.iterdir()] == [MANIFEST]:
+                manifest.unlink()  # only this run's claim (write_in_place) in a folder it created: nothing written
             for d in reversed(self.created):  # folders this run created and left empty
                 try:
                     d.rmdir()
