@@ -359,8 +359,8 @@ class OutputFolder:
                 self.lock.release()
                 self.lock = None
             manifest = self.path / MANIFEST
-            if self.created and manifest.is_file() and [p.name for p in self.path.iterdir()] == [MANIFEST]:
-                manifest.unlink()  # only this run's claim (write_in_place) in a folder it created: nothing written
+            if manifest.is_file() and [p.name for p in self.path.iterdir()] == [MANIFEST]:
+                manifest.unlink()  # a manifest of nothing (this run's claim, write_in_place, and nothing written)
             for d in reversed(self.created):  # folders this run created and left empty
                 try:
                     d.rmdir()

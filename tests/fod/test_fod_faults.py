@@ -388,6 +388,9 @@ def test_total_loss_overflow_with_finite_terms(data, tmp_path, capsys):
     err = _one_error_line(capsys, "train")
     assert "training diverged at epoch 1, step 1: the total loss is" in err and "no checkpoint was written" in err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "mine").mkdir()  # a folder of the user's: left as it was, empty
+    assert _train(data, tmp_path / "mine", "--epochs", "1", "--lambda2", "1e38", "--lambda1", "1e38") == 2
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- what a command may write where
