@@ -258,6 +258,12 @@ def remove_stale_temporaries(folder: Path):
             p.unlink()
 
 
+def _files_of(folder: Path, name: str) -> set[str]:
+    """Manifest entries NAME/FILE of the files fod writes in product folder ``folder`` (in tensorboard/ only its
+    event files)."""
+    return {f"{name}/{f.name}" for f in folder.glob(EVENTS_GLOB if name == LOGS[1] else "*") if f.is_file()}
+
+
 class OutputFolder:
     """The output folder of one command run.
 
@@ -307,8 +313,9 @@ class OutputFolder:
         existing = self.existing()
         # logs fod did not write (no manifest names them) are a user's, unless they sit beside this command's own
         # results (a run of a fod version that kept no manifest)
-        foreign = [n for n in LOGS if n in self.products and (self.path / n).exists() and n not in self._manifest()
-                   and not any(r.startswith(n + "/") for r in self._manifest())]
+        listed = self._manifest()
+        foreign = [n for n in LOGS if n in self.products and (self.path / n).exists() and n not in listed
+                   and not any(r.startswith(n + "/") for r in listed)]
         if foreign and not existing:
             raise FileExistsError(f"{self.path} holds {', '.join(foreign)}, which fod did not write (not in "
                                   f"{MANIFEST}) and would replace: move them, or choose another --output")
@@ -395,7 +402,7 @@ class OutputFolder:
         for n in self.in_place:
             p = self.path / n
             if p.is_dir() and not p.is_symlink():
-                out |= {f"{n}/{f.name}" for f in p.glob(EVENTS_GLOB if n == LOGS[1] else "*") if f.is_file()}
+                out |= _files_of(p, n)
             elif p.exists():
                 out.add(n)
         return out
@@ -430,7 +437,7 @@ class OutputFolder:
                 (trash / name).mkdir()
                 owned = {r for r in prev if r.startswith(name + "/")}
                 if name == LOGS[1] and name in prev and target.is_dir():  # a folder fod claimed whole (a killed run)
-                    owned |= {f"{name}/{f.name}" for f in target.glob(EVENTS_GLOB)}
+                    owned |= _files_of(target, name)
                 for rel in sorted(owned):
                     if (self.path / rel).is_file() and not (self.path / rel).is_symlink():
                         os.replace(self.path / rel, trash / rel)
